@@ -1,0 +1,96 @@
+"""Rolling-buffer key/value cache for sliding-window attention (Mistral's design).
+
+Each layer keeps `slots = min(window, max_len)` key/value rows per sequence; the token at absolute
+position p lives in slot p mod slots, so memory stops growing once a sequence passes the window.
+Keys are stored after RoPE, so the order of slots does not matter to attention: a per-slot index
+of absolute positions (-1 = empty) is all the mask needs. Every row of the batch keeps its own
+positions, which is how prompts of different lengths are decoded together without left padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moxin_lightning.model.attention import AttentionLayout
+from moxin_lightning.model.config import ModelConfig
+
+
+class RollingKVCache:
+    """Per-layer (B, n_kv_heads, slots, head_dim) keys and values plus the position held in each slot.
+
+    One forward step is `prepare(positions)` -> `update(layer, k, v)` for each layer -> `commit()`;
+    the Transformer does this when it is given a cache.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        *,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        longest = min(max_len or config.max_seq_len, config.max_seq_len)
+        self.window = config.sliding_window
+        self.slots = min(self.window or longest, longest)
+        shape = (batch_size, config.n_kv_heads, self.slots, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.slot_position = torch.full((batch_size, self.slots), -1, dtype=torch.long, device=device)
+        self._step: _Step | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (the per-slot position index, B x slots int64, is bookkeeping)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def prepare(self, positions: torch.Tensor) -> AttentionLayout:
+        """Plan a step for tokens at `positions` (B, T), -1 marking padding; returns its attention layout."""
+        if positions.shape[0] != self.slot_position.shape[0]:
+            raise ValueError(f"batch of {positions.shape[0]} does not match the cache's {self.slot_position.shape[0]}")
+        # Only a row's last `slots` tokens of this step can survive in the buffer.
+        newest = positions.max(dim=1, keepdim=True).values
+        keep = (positions >= 0) & (positions > newest - self.slots)
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = positions[rows, cols] % self.slots
+        next_index = self.slot_position.clone()
+        next_index[rows, slots] = positions[rows, cols]
+        # A single token attends after it is written (its window is then exactly the buffer);
+        # a longer chunk attends to the old buffer plus itself, then is written.
+        write_first = positions.shape[1] == 1
+        key_index = next_index if write_first else torch.cat((self.slot_position, positions), dim=1)
+        self._step = _Step(rows, cols, slots, next_index, write_first)
+        return AttentionLayout.cached(positions, key_index, self.window)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, Hkv, T, D) keys and values; return the keys and values to attend to."""
+        step = self._step
+        if step is None:
+            raise RuntimeError("RollingKVCache.update called before prepare(positions)")
+        cache_k, cache_v = self.keys[layer], self.values[layer]
+        if step.write_first:
+            self._write(cache_k, cache_v, k, v, step)
+            return cache_k, cache_v
+        attend = torch.cat((cache_k, k), dim=2), torch.cat((cache_v, v), dim=2)
+        self._write(cache_k, cache_v, k, v, step)
+        return attend
+
+    @staticmethod
+    def _write(cache_k, cache_v, k, v, step: _Step) -> None:
+        cache_k[step.rows, :, step.slots] = k[step.rows, :, step.cols].to(cache_k.dtype)
+        cache_v[step.rows, :, step.slots] = v[step.rows, :, step.cols].to(cache_v.dtype)
+
+    def commit(self) -> None:
+        self.slot_position = self._step.next_index
+        self._step = None
+
+
+class _Step:
+    """Where one step's tokens go: (row, column) in the input and the slot they land in."""
+
+    __slots__ = ("rows", "cols", "slots", "next_index", "write_first")
+
+    def __init__(self, rows, cols, slots, next_index, write_first):
+        self.rows, self.cols, self.slots = rows, cols, slots
+        self.next_index, self.write_first = next_index, write_first

@@ -1,0 +1,183 @@
+"""The Moxin / Mistral decoder: pre-norm blocks of grouped-query attention and a SwiGLU MLP.
+
+Reads top to bottom like nanoGPT. Single device only: sharding, activation checkpointing and
+compilation are applied from outside (moxin_lightning.tasks.base). Module names mirror the
+Hugging Face Mistral layout so checkpoints map one to one (see moxin_lightning.hf).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moxin_lightning.model.attention import AttentionLayout, get_kernel
+from moxin_lightning.model.cache import RollingKVCache
+from moxin_lightning.model.config import ModelConfig
+from moxin_lightning.model.rope import apply_rope, positions_from_documents, rope_tables
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 (as Mistral does), scaled after casting back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.kernel = get_kernel(config.attention)
+
+    def forward(self, x, cos, sin, layout: AttentionLayout, cache: RollingKVCache | None = None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = self.kernel(q, k, v, layout)  # (B, n_heads, T, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, layout: AttentionLayout, cache: RollingKVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, layout, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab).
+
+    Build it on the meta device for large presets (`with torch.device("meta"): Transformer(cfg)`),
+    then `to_empty(device=...)` and `init_weights()`, or load a checkpoint with `assign=True`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: RollingKVCache | None = None,
+    ) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, doc_ids=doc_ids, positions=positions, cache=cache))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: RollingKVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, dim): the input of `lm_head`.
+
+        doc_ids (B, T): document of each token in a packed row; positions restart at each document
+            and attention never crosses a boundary.
+        positions (B, T): RoPE positions; by default 0..T-1 (or per document). With a cache they are
+            required: each row's absolute positions, -1 for padding.
+        """
+        batch, length = input_ids.shape
+        if cache is not None:
+            if positions is None:
+                raise ValueError("decoding with a cache needs explicit positions (B, T); use moxin_lightning.generate")
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+            layout = cache.prepare(positions)
+        else:
+            if length > self.config.max_seq_len:
+                raise ValueError(
+                    f"sequence of {length} tokens exceeds max_seq_len={self.config.max_seq_len}; "
+                    "shorten it or raise model max_seq_len"
+                )
+            layout = AttentionLayout.self_attention(length, self.config.sliding_window, doc_ids)
+            if positions is None:
+                if doc_ids is not None:
+                    positions = positions_from_documents(doc_ids)
+                else:
+                    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        x = self.embed(input_ids)
+        cos, sin = rope_tables(positions.clamp(min=0), self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, layout, cache)
+        if cache is not None:
+            cache.commit()
+        return self.norm(x)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std) for every matrix; the two residual-branch outputs of each block are scaled
+        by 1/sqrt(2 * n_layers) (GPT-2's rule) so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            for linear in (
+                block.attn.q_proj,
+                block.attn.k_proj,
+                block.attn.v_proj,
+                block.mlp.gate_proj,
+                block.mlp.up_proj,
+            ):
+                nn.init.normal_(linear.weight, std=std)
+            for linear in (block.attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(linear.weight, std=residual_std)
+            block.attn_norm.reset_parameters()
+            block.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
