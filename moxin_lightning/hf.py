@@ -275,6 +275,7 @@ def export_hf(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True")
+    _check_tokenizer(tokenizer, model.config)
     state = to_hf_state_dict(model)
     dtype = next(iter(state.values())).dtype
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -317,14 +318,28 @@ def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[st
     return shards
 
 
+def _check_tokenizer(tokenizer: Any, config: ModelConfig) -> None:
+    """Refuse a tokenizer file that is missing or larger than the model's vocabulary, before writing."""
+    if tokenizer is None or hasattr(tokenizer, "save"):
+        return
+    import sentencepiece
+
+    source = Path(tokenizer)
+    if not source.is_file():
+        raise FileNotFoundError(f"tokenizer {source} not found; pass the path of a SentencePiece tokenizer.model")
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(source)).get_piece_size()
+    if pieces > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {pieces} pieces but the model's vocab_size is {config.vocab_size}; "
+            "export with the tokenizer the model was trained with"
+        )
+
+
 def _write_tokenizer(tokenizer: Any, folder: Path, config: ModelConfig) -> None:
     if hasattr(tokenizer, "save"):
         tokenizer.save(folder)
         return
-    source = Path(tokenizer)
-    if not source.is_file():
-        raise FileNotFoundError(f"tokenizer {source} not found; pass the path of a SentencePiece tokenizer.model")
-    shutil.copyfile(source, folder / "tokenizer.model")
+    shutil.copyfile(tokenizer, folder / "tokenizer.model")
     _write_json(
         folder / "tokenizer_config.json",
         {
