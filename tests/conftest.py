@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from moxin_lightning.model import ModelConfig, Transformer  # noqa: E402
+from moxin_lightning.model.transformer import same_weights  # noqa: E402, F401  (re-exported for tests)
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -25,14 +26,6 @@ def tiny_config(**overrides) -> ModelConfig:
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(tiny_config(**overrides)).eval()
-
-
-def same_weights(a: Transformer, b: Transformer) -> bool:
-    """Bit-identical state dicts (names, dtypes and values)."""
-    left, right = a.state_dict(), b.state_dict()
-    return left.keys() == right.keys() and all(
-        left[k].dtype == right[k].dtype and torch.equal(left[k], right[k]) for k in left
-    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -181,3 +181,11 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Bit-identical state dicts: same names, dtypes and values (round-trip checks use it)."""
+    left, right = a.state_dict(), b.state_dict()
+    return left.keys() == right.keys() and all(
+        left[k].dtype == right[k].dtype and torch.equal(left[k], right[k]) for k in left
+    )

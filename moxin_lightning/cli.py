@@ -1,0 +1,59 @@
+"""Command-line entry point: `python -m moxin_lightning <command>`.
+
+Commands so far: `info` (a preset's size, FLOPs and cache memory) and `demo` (a self-check of the
+backbone, the rolling-buffer generator and the Hugging Face round trip on a tiny model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moxin_lightning.model.config import PRESETS, ModelConfig
+
+
+def _info(args: argparse.Namespace) -> None:
+    import torch
+
+    from moxin_lightning.model.cache import RollingKVCache
+
+    config = ModelConfig.from_name(args.preset)
+    cache = RollingKVCache(config, 1, dtype=torch.bfloat16, device="meta")
+    full = RollingKVCache(config.replace(sliding_window=None), 1, dtype=torch.bfloat16, device="meta")
+    print(f"preset            {args.preset}")
+    for name, value in config.to_dict().items():
+        print(f"  {name:<16}{value}")
+    print(f"parameters        {config.num_params():,}")
+    print(f"train FLOPs/token {config.flops_per_token(args.seq_len):,} at sequence {args.seq_len}")
+    print(
+        f"KV cache (bf16)   {cache.nbytes:,} bytes per sequence with the rolling buffer "
+        f"({cache.slots} slots); {full.nbytes:,} for a full {config.max_seq_len}-token cache"
+    )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from moxin_lightning.demo import run_demo
+
+    sys.exit(run_demo(preset=args.preset, new_tokens=args.new_tokens, out_dir=args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m moxin_lightning", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="size, FLOPs per token and KV-cache memory of a model preset")
+    info.add_argument("--preset", default="moxin-7b", choices=sorted(PRESETS))
+    info.add_argument("--seq_len", type=int, default=2048, help="sequence length for the FLOPs figure")
+    info.set_defaults(run=_info)
+
+    demo = commands.add_parser("demo", help="self-check: generate past the window, verify, round-trip through HF")
+    demo.add_argument("--preset", default="moxin-tiny-9m", choices=sorted(PRESETS))
+    demo.add_argument("--new_tokens", type=int, default=600)
+    demo.add_argument("--out", default=None, help="where to write the exported HF folder (default: a temp dir)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
