@@ -1,0 +1,246 @@
+"""Training throughput: our `Transformer` against Hugging Face `MistralForCausalLM`, same weights, same batch.
+
+What is measured: one training step = forward + mean next-token cross-entropy over the logits + backward
+(gradients are cleared before each step, outside the timed region; no optimizer step). Both models are built
+from one `ModelConfig`; the Hugging Face model is created with `attn_implementation="sdpa"` (its fastest CPU
+path) and loaded with our weights through `moxin_lightning.hf.to_hf_state_dict`, so both compute the same
+function (the first step's losses are printed side by side as a check). After `--warmup` untimed rounds, each
+of `--steps` rounds times one step of each model, alternating which goes first, and the median is reported as
+tokens/s = batch * seq / seconds. With `--compile` both models are wrapped by `torch.compile(model)` with the
+same default settings (the loss stays outside the compiled region, for both).
+
+One case is run per `--window` value (default 256 and 512 at seq 512: the sliding window cuts the sequence,
+then it does not), and each case appends one JSON line to `--out`.
+
+Run (about 1-3 minutes on 2 CPU cores with the defaults):
+
+    HF_HUB_OFFLINE=1 python bench/train_step.py
+    HF_HUB_OFFLINE=1 python bench/train_step.py --compile
+    HF_HUB_OFFLINE=1 python bench/train_step.py --preset moxin-small-124m --batch 8 --seq 1024 --window 512 \\
+        --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moxin_lightning.hf import config_to_hf, to_hf_state_dict
+from moxin_lightning.model.config import PRESETS, ModelConfig
+from moxin_lightning.model.transformer import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_ATTENTION = "sdpa"
+
+
+def parse_window(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "full") else int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--preset", default="moxin-tiny-23m", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument(
+        "--window",
+        type=parse_window,
+        nargs="+",
+        default=[256, 512],
+        help="sliding window(s); one case each ('none' = full attention). Default: 256 (cuts seq 512) and 512",
+    )
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation happens here)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (default mode)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--attention", default="sdpa", help="our attention kernel (ModelConfig.attention)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/train_step.jsonl", help="JSON lines file to append to")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    return args
+
+
+def build_models(config: ModelConfig, dtype: torch.dtype, device: str, seed: int):
+    """Our model with seeded random weights, and HF Mistral holding a copy of exactly those weights."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    ours = Transformer(config).to(device=device, dtype=dtype)
+    hf_config = config_to_hf(config, dtype)
+    for key in ("dtype", "torch_dtype"):
+        hf_config.pop(key, None)
+    hf = MistralForCausalLM._from_config(MistralConfig(**hf_config), attn_implementation=HF_ATTENTION, dtype=dtype)
+    hf = hf.to(device)
+    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
+    hf.config.use_cache = False
+    ours.train()
+    hf.train()
+    return ours, hf
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from position t (fp32 logits)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(args: argparse.Namespace, window: int | None) -> dict:
+    dtype = DTYPES[args.dtype]
+    max_seq_len = max(args.seq, PRESETS[args.preset]["max_seq_len"])
+    config = ModelConfig.from_name(
+        args.preset, sliding_window=window, attention=args.attention, max_seq_len=max_seq_len
+    )
+    ours, hf = build_models(config, dtype, args.device, args.seed)
+    if args.compile:
+        torch._dynamo.reset()
+        ours_fn, hf_fn = torch.compile(ours), torch.compile(hf)
+    else:
+        ours_fn, hf_fn = ours, hf
+
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(args.device)
+
+    steps = {
+        "ours": (ours, lambda: next_token_loss(ours_fn(ids), ids)),
+        "hf": (hf, lambda: next_token_loss(hf_fn(input_ids=ids, use_cache=False).logits, ids)),
+    }
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    first_loss: dict[str, float] = {}
+    compile_s: dict[str, float] = {}
+    load_before = os.getloadavg()[0]
+    for round_ in range(args.warmup + args.steps):
+        order = ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours")
+        for name in order:
+            model, step = steps[name]
+            model.zero_grad(set_to_none=True)
+            sync(args.device)
+            start = time.perf_counter()
+            loss = step()
+            loss.backward()
+            sync(args.device)
+            elapsed = time.perf_counter() - start
+            if round_ == 0:
+                first_loss[name] = loss.item()
+                compile_s[name] = elapsed
+            if round_ >= args.warmup:
+                times[name].append(elapsed)
+
+    tokens = args.batch * args.seq
+    median = {name: statistics.median(t) for name, t in times.items()}
+    tok_s = {name: tokens / median[name] for name in median}
+    best = {name: min(t) for name, t in times.items()}
+    return {
+        "bench": "train_step",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "preset": args.preset,
+        "config": config.to_dict(),
+        "params": ours.num_params(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "window": window,
+        "window_cuts_seq": window is not None and args.seq > window,
+        "mode": "compile" if args.compile else "eager",
+        "dtype": args.dtype,
+        "device": args.device,
+        "ours_attention": args.attention,
+        "hf_attn_implementation": HF_ATTENTION,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "ours_tokens_per_s": tok_s["ours"],
+        "hf_tokens_per_s": tok_s["hf"],
+        "ratio_ours_over_hf": tok_s["ours"] / tok_s["hf"],
+        "ours_step_s_median": median["ours"],
+        "hf_step_s_median": median["hf"],
+        "ratio_best_ours_over_hf": best["hf"] / best["ours"],
+        "ours_step_s_all": times["ours"],
+        "hf_step_s_all": times["hf"],
+        "first_step_s": compile_s,
+        "first_loss": first_loss,
+        "torch": torch.__version__,
+        "transformers": _transformers_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'case':<22} {'mode':<8} {'ours tok/s':>11} {'HF tok/s':>11} {'ours/HF':>8} "
+        f"{'ours ms':>9} {'HF ms':>9} {'best ours/HF':>13}  first loss ours / HF"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        case = f"seq {r['seq']} win {r['window']}"
+        print(
+            f"{case:<22} {r['mode']:<8} {r['ours_tokens_per_s']:>11.0f} {r['hf_tokens_per_s']:>11.0f} "
+            f"{r['ratio_ours_over_hf']:>8.3f} {1000 * r['ours_step_s_median']:>9.1f} "
+            f"{1000 * r['hf_step_s_median']:>9.1f} {r['ratio_best_ours_over_hf']:>13.3f}  "
+            f"{r['first_loss']['ours']:.6f} / {r['first_loss']['hf']:.6f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(
+        f"train step (forward + CE loss + backward): preset {args.preset}, batch {args.batch}, seq {args.seq}, "
+        f"{args.dtype} on {args.device}, {'torch.compile' if args.compile else 'eager'}, "
+        f"{torch.get_num_threads()} threads; ours attention={args.attention!r}, "
+        f"HF attn_implementation={HF_ATTENTION!r}; "
+        f"torch {torch.__version__}, transformers {_transformers_version()}; "
+        f"{args.warmup} warmup + median of {args.steps} interleaved steps"
+    )
+    rows = []
+    for window in args.window:
+        row = run_case(args, window)
+        rows.append(row)
+        print(
+            f"  done: seq {args.seq} win {window}: ours {row['ours_tokens_per_s']:.0f} tok/s, "
+            f"HF {row['hf_tokens_per_s']:.0f} tok/s (first step {row['first_step_s']['ours']:.1f} s / "
+            f"{row['first_step_s']['hf']:.1f} s)",
+            flush=True,
+        )
+    print()
+    print_table(rows)
+    print("tok/s and ms: median step; best ours/HF: ratio of the fastest step of each (less sensitive to other load)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as file:
+        for row in rows:
+            file.write(json.dumps(row) + "\n")
+    print(f"\nappended {len(rows)} line(s) to {out}")
+
+
+if __name__ == "__main__":
+    main()
