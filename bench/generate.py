@@ -16,9 +16,11 @@ The default model is `moxin-tiny-23m` with its sliding window set to 256, smalle
 (512 + 256), so our rolling buffer wraps around and HF's sliding-window cache crops. Each batch size appends
 one JSON line to `--out`.
 
-Run (a few minutes on 2 CPU cores with the defaults):
+Run (a few minutes on 2 CPU cores with the defaults; `--compile` runs our decode step under torch.compile,
+compiled during the warmup call, HF staying in its default eager mode):
 
     HF_HUB_OFFLINE=1 python bench/generate.py
+    HF_HUB_OFFLINE=1 python bench/generate.py --compile
     HF_HUB_OFFLINE=1 python bench/generate.py --batch 1 4 16 --prompt 128 --new 64 --window none
 """
 
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="sdpa", help="our attention kernel (ModelConfig.attention)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true", help="ours: generate(..., compile=True), decode step under torch.compile"
+    )
     parser.add_argument("--out", default="bench/results/generate.jsonl", help="JSON lines file to append to")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -99,8 +104,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(model: Transformer, prompts: torch.Tensor, new: int) -> torch.Tensor:
-    tokens = generate(model, prompts.tolist(), new, eos_id=None)
+def run_ours(model: Transformer, prompts: torch.Tensor, new: int, compile: bool) -> torch.Tensor:
+    tokens = generate(model, prompts.tolist(), new, eos_id=None, compile=compile)
     return torch.tensor(tokens)
 
 
@@ -128,7 +133,7 @@ def run_case(args: argparse.Namespace, ours, hf, config: ModelConfig, batch: int
     generator = torch.Generator().manual_seed(args.seed + batch)
     # Ids 3.. leave out <unk>, <s>, </s>.
     prompts = torch.randint(3, config.vocab_size, (batch, args.prompt), generator=generator).to(args.device)
-    runners = {"ours": lambda n: run_ours(ours, prompts, n), "hf": lambda n: run_hf(hf, prompts, n)}
+    runners = {"ours": lambda n: run_ours(ours, prompts, n, args.compile), "hf": lambda n: run_hf(hf, prompts, n)}
 
     full: dict[str, list[float]] = {"ours": [], "hf": []}
     prefill: dict[str, list[float]] = {"ours": [], "hf": []}
@@ -176,6 +181,7 @@ def run_case(args: argparse.Namespace, ours, hf, config: ModelConfig, batch: int
         "dtype": args.dtype,
         "device": args.device,
         "ours_attention": args.attention,
+        "ours_decode": "torch.compile" if args.compile else "eager",
         "hf_attn_implementation": HF_ATTENTION,
         "hf_cache": "default (DynamicCache, sliding-window layers)",
         "warmup": args.warmup,
@@ -242,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"greedy generation: preset {args.preset} ({ours.num_params() / 1e6:.1f}M params), sliding_window "
         f"{config.sliding_window}, prompt {args.prompt} + {args.new} new tokens, {args.dtype} on {args.device}, "
-        f"{torch.get_num_threads()} threads; ours attention={args.attention!r}, HF attn_implementation="
+        f"{torch.get_num_threads()} threads; ours attention={args.attention!r} "
+        f"({'compiled' if args.compile else 'eager'} decode), HF attn_implementation="
         f"{HF_ATTENTION!r} with its default cache; torch {torch.__version__}, transformers {_transformers_version()}; "
         f"{args.warmup} warmup + median of {args.repeats} interleaved calls"
     )

@@ -4,14 +4,21 @@ Prompts of different lengths share one batch without left padding: each row keep
 positions, prompts are right-padded and the padding is never written to the cache. Prompts are
 prefilled in chunks (at most the cache's slot count by default), so a prompt longer than the
 window costs O(window) memory, then every row decodes one token per step.
+
+With `compile=True` the one-token decode step runs through `torch.compile` (static shapes): the
+per-step Python and operator-dispatch overhead, which dominates small models and GPU decoding,
+mostly disappears. The first call per batch size pays the compilation (tens of seconds on CPU).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from moxin_lightning.model.attention import AttentionLayout
 from moxin_lightning.model.cache import RollingKVCache
 from moxin_lightning.model.transformer import Transformer
 
@@ -34,14 +41,13 @@ def generate(
     top_k: int = 0,
     eos_id: int | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """New token ids for each prompt (greedy when temperature is 0); a row stops after `eos_id`."""
-    return sample(
-        model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, eos_id=eos_id, seed=seed
-    ).tokens
+    settings = _Settings(temperature, top_p, top_k, eos_id, seed, None, compile, with_logprobs=False)
+    return _generate(model, prompts, max_new_tokens, settings).tokens
 
 
-@torch.inference_mode()
 def sample(
     model: Transformer,
     prompts: list[list[int]],
@@ -53,8 +59,45 @@ def sample(
     eos_id: int | None = None,
     seed: int | None = None,
     prefill_chunk: int | None = None,
+    compile: bool = False,
 ) -> Generation:
     """`generate` that also returns each new token's log-probability (what GRPO needs)."""
+    settings = _Settings(temperature, top_p, top_k, eos_id, seed, prefill_chunk, compile, with_logprobs=True)
+    return _generate(model, prompts, max_new_tokens, settings)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    temperature: float
+    top_p: float
+    top_k: int
+    eos_id: int | None
+    seed: int | None
+    prefill_chunk: int | None
+    compile: bool
+    with_logprobs: bool
+
+
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionLayout, RollingKVCache], torch.Tensor]
+_COMPILED_STEPS: weakref.WeakKeyDictionary[Transformer, DecodeStep] = weakref.WeakKeyDictionary()
+
+
+def _decode_step(model: Transformer, compile: bool) -> DecodeStep:
+    """(token, positions, layout, cache) -> fp32 next-token logits; compiled once per model when asked."""
+
+    def step(token, positions, layout, cache):
+        return model.lm_head(model.run_layers(token, positions, layout, cache))[:, -1].float()
+
+    if not compile:
+        return step
+    if model not in _COMPILED_STEPS:
+        _COMPILED_STEPS[model] = torch.compile(step, dynamic=False)
+    return _COMPILED_STEPS[model]
+
+
+@torch.inference_mode()
+def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, settings: _Settings) -> Generation:
+    temperature, top_p, top_k, eos_id = settings.temperature, settings.top_p, settings.top_k, settings.eos_id
     config = model.config
     _check_request(prompts, max_new_tokens, temperature, top_p, top_k, config.vocab_size)
     longest = max(len(p) for p in prompts) + max_new_tokens
@@ -67,45 +110,55 @@ def sample(
     device = param.device
     batch = len(prompts)
     cache = RollingKVCache(config, batch, max_len=longest, dtype=param.dtype, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.seed is not None else None
 
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    padded = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        padded[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    index = torch.arange(padded.shape[1], device=device)
-    positions = torch.where(index < lengths.unsqueeze(1), index, -1)
-
-    # Prefill: keep the hidden state of each row's last prompt token.
-    chunk = prefill_chunk or cache.slots
-    last_hidden = torch.zeros(batch, config.dim, dtype=param.dtype, device=device)
-    for start in range(0, padded.shape[1], chunk):
-        hidden = model.hidden_states(
-            padded[:, start : start + chunk], positions=positions[:, start : start + chunk], cache=cache
-        )
-        last = lengths - 1 - start
-        in_chunk = (last >= 0) & (last < hidden.shape[1])
-        rows = in_chunk.nonzero().flatten()
-        last_hidden[rows] = hidden[rows, last[rows]]
-    logits = model.lm_head(last_hidden).float()
+    logits = _prefill(model, prompts, lengths, cache, settings.prefill_chunk or cache.slots)
 
     new_tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
     new_logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    decode = _decode_step(model, settings.compile)
     produced = max_new_tokens
     for step in range(max_new_tokens):
         token = _pick(logits, temperature, top_p, top_k, generator)
         new_tokens[:, step] = token
-        new_logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1)
+        if settings.with_logprobs:
+            new_logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1)
         if eos_id is not None:
             done |= token == eos_id
         if step + 1 == max_new_tokens or bool(done.all()):
             produced = step + 1
             break
-        step_positions = torch.where(done, -1, lengths + step).unsqueeze(1)
-        logits = model(token.unsqueeze(1), positions=step_positions, cache=cache)[:, -1].float()
+        # Finished rows keep stepping (their output is discarded) so every step has one shape.
+        positions = (lengths + step).unsqueeze(1)
+        logits = decode(token.unsqueeze(1), positions, cache.prepare(positions), cache)
+        cache.commit()
 
     return _trim(new_tokens[:, :produced], new_logprobs[:, :produced], eos_id)
+
+
+def _prefill(
+    model: Transformer, prompts: list[list[int]], lengths: torch.Tensor, cache: RollingKVCache, chunk: int
+) -> torch.Tensor:
+    """Run the right-padded prompts through the cache chunk by chunk; logits after each row's last token."""
+    batch, device = len(prompts), lengths.device
+    padded = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    index = torch.arange(padded.shape[1], device=device)
+    positions = torch.where(index < lengths.unsqueeze(1), index, -1)  # -1: padding, never cached
+    last_hidden = None
+    for start in range(0, padded.shape[1], chunk):
+        hidden = model.hidden_states(
+            padded[:, start : start + chunk], positions=positions[:, start : start + chunk], cache=cache
+        )
+        if last_hidden is None:
+            last_hidden = hidden.new_zeros(batch, hidden.shape[-1])
+        last = lengths - 1 - start
+        rows = ((last >= 0) & (last < hidden.shape[1])).nonzero().flatten()
+        last_hidden[rows] = hidden[rows, last[rows]]
+    return model.lm_head(last_hidden).float()
 
 
 def _pick(

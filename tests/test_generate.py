@@ -129,3 +129,14 @@ def test_bad_requests_are_refused(prompts, kwargs, message):
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate(model, prompts, **kwargs)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager_and_full_recompute():
+    model = tiny_model(seed=18)
+    prompts = [prompt(3, 1), prompt(2 * W + 1, 2)]  # one row fills the buffer during decoding, one during prefill
+    eager = sample(model, prompts, 3 * W)
+    compiled = sample(model, prompts, 3 * W, compile=True)
+    assert compiled.tokens == eager.tokens
+    torch.testing.assert_close(torch.tensor(compiled.logprobs), torch.tensor(eager.logprobs), atol=1e-5, rtol=0)
+    assert_matches_full_recompute(model, prompts, compiled)

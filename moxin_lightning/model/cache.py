@@ -39,6 +39,7 @@ class RollingKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.slot_position = torch.full((batch_size, self.slots), -1, dtype=torch.long, device=device)
         self._step: _Step | None = None
+        self._full = False  # every slot of every row written (stays true: slots are only overwritten)
 
     @property
     def nbytes(self) -> int:
@@ -49,6 +50,8 @@ class RollingKVCache:
         """Plan a step for tokens at `positions` (B, T), -1 marking padding; returns its attention layout."""
         if positions.shape[0] != self.slot_position.shape[0]:
             raise ValueError(f"batch of {positions.shape[0]} does not match the cache's {self.slot_position.shape[0]}")
+        if positions.shape[1] == 1 and bool((positions >= 0).all()):
+            return self._prepare_decode(positions)
         # Only a row's last `slots` tokens of this step can survive in the buffer.
         newest = positions.max(dim=1, keepdim=True).values
         keep = (positions >= 0) & (positions > newest - self.slots)
@@ -56,12 +59,21 @@ class RollingKVCache:
         slots = positions[rows, cols] % self.slots
         next_index = self.slot_position.clone()
         next_index[rows, slots] = positions[rows, cols]
-        # A single token attends after it is written (its window is then exactly the buffer);
-        # a longer chunk attends to the old buffer plus itself, then is written.
-        write_first = positions.shape[1] == 1
-        key_index = next_index if write_first else torch.cat((self.slot_position, positions), dim=1)
-        self._step = _Step(rows, cols, slots, next_index, write_first)
+        # The chunk attends to the old buffer plus itself, then is written.
+        key_index = torch.cat((self.slot_position, positions), dim=1)
+        self._step = _Step(rows, cols, slots, next_index, write_first=False)
         return AttentionLayout.cached(positions, key_index, self.window)
+
+    def _prepare_decode(self, positions: torch.Tensor) -> AttentionLayout:
+        """One new token per row: write it first, then its window is exactly the buffer's filled slots."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        slots = positions[:, 0] % self.slots
+        next_index = self.slot_position.clone()
+        next_index[rows, slots] = positions[:, 0]
+        self._step = _Step(rows, None, slots, next_index, write_first=True)
+        # Once every slot holds a token, every key is visible and attention needs no mask at all.
+        self._full = self._full or bool((next_index >= 0).all())
+        return AttentionLayout.cached(positions, next_index, self.window, all_visible=self._full)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, Hkv, T, D) keys and values; return the keys and values to attend to."""
@@ -78,8 +90,12 @@ class RollingKVCache:
 
     @staticmethod
     def _write(cache_k, cache_v, k, v, step: _Step) -> None:
-        cache_k[step.rows, :, step.slots] = k[step.rows, :, step.cols].to(cache_k.dtype)
-        cache_v[step.rows, :, step.slots] = v[step.rows, :, step.cols].to(cache_v.dtype)
+        if step.cols is None:  # one token per row
+            new_k, new_v = k[:, :, 0], v[:, :, 0]
+        else:
+            new_k, new_v = k[step.rows, :, step.cols], v[step.rows, :, step.cols]
+        cache_k[step.rows, :, step.slots] = new_k.to(cache_k.dtype)
+        cache_v[step.rows, :, step.slots] = new_v.to(cache_v.dtype)
 
     def commit(self) -> None:
         self.slot_position = self._step.next_index

@@ -134,25 +134,35 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a cache needs explicit positions (B, T); use moxin_lightning.generate")
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-            layout = cache.prepare(positions)
-        else:
-            if length > self.config.max_seq_len:
-                raise ValueError(
-                    f"sequence of {length} tokens exceeds max_seq_len={self.config.max_seq_len}; "
-                    "shorten it or raise model max_seq_len"
-                )
-            layout = AttentionLayout.self_attention(length, self.config.sliding_window, doc_ids)
-            if positions is None:
-                if doc_ids is not None:
-                    positions = positions_from_documents(doc_ids)
-                else:
-                    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+            hidden = self.run_layers(input_ids, positions, cache.prepare(positions), cache)
+            cache.commit()
+            return hidden
+        if length > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {length} tokens exceeds max_seq_len={self.config.max_seq_len}; "
+                "shorten it or raise model max_seq_len"
+            )
+        if positions is None:
+            if doc_ids is not None:
+                positions = positions_from_documents(doc_ids)
+            else:
+                positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        layout = AttentionLayout.self_attention(length, self.config.sliding_window, doc_ids)
+        return self.run_layers(input_ids, positions, layout)
+
+    def run_layers(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        layout: AttentionLayout,
+        cache: RollingKVCache | None = None,
+    ) -> torch.Tensor:
+        """Embedding, blocks and final norm for a prepared layout: the part with no data-dependent
+        control flow, which `torch.compile` captures as one graph (generate compiles it for decoding)."""
         x = self.embed(input_ids)
         cos, sin = rope_tables(positions.clamp(min=0), self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, layout, cache)
-        if cache is not None:
-            cache.commit()
         return self.norm(x)
 
     @torch.no_grad()
