@@ -9,6 +9,11 @@ of `--steps` rounds times one step of each model, alternating which goes first, 
 tokens/s = batch * seq / seconds. With `--compile` both models are wrapped by `torch.compile(model)` with the
 same default settings (the loss stays outside the compiled region, for both).
 
+`--loss logits` (default) gives both models the same loss code on full logits: a backbone-to-backbone
+comparison. `--loss fused` runs our training path instead: `Transformer.hidden_states` and
+`moxin_lightning.losses.linear_cross_entropy`, which fuses the output head with the loss and never keeps
+the (tokens x vocab) logits; HF keeps its logits + cross-entropy.
+
 One case is run per `--window` value (default 256 and 512 at seq 512: the sliding window cuts the sequence,
 then it does not), and each case appends one JSON line to `--out`.
 
@@ -16,6 +21,7 @@ Run (about 1-3 minutes on 2 CPU cores with the defaults):
 
     HF_HUB_OFFLINE=1 python bench/train_step.py
     HF_HUB_OFFLINE=1 python bench/train_step.py --compile
+    HF_HUB_OFFLINE=1 python bench/train_step.py --loss fused [--compile]
     HF_HUB_OFFLINE=1 python bench/train_step.py --preset moxin-small-124m --batch 8 --seq 1024 --window 512 \\
         --device cuda --dtype bfloat16
 """
@@ -35,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from moxin_lightning.hf import config_to_hf, to_hf_state_dict
+from moxin_lightning.losses import linear_cross_entropy
 from moxin_lightning.model.config import PRESETS, ModelConfig
 from moxin_lightning.model.transformer import Transformer
 
@@ -63,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=7, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compilation happens here)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (default mode)")
+    parser.add_argument(
+        "--loss",
+        default="logits",
+        choices=["logits", "fused"],
+        help="ours: CE on full logits like HF, or the fused head + CE of moxin_lightning.losses",
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--attention", default="sdpa", help="our attention kernel (ModelConfig.attention)")
@@ -98,6 +111,11 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def fused_next_token_loss(hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    loss_sum, count = linear_cross_entropy(hidden[:, :-1], head, ids[:, 1:])
+    return loss_sum / count
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -110,17 +128,23 @@ def run_case(args: argparse.Namespace, window: int | None) -> dict:
         args.preset, sliding_window=window, attention=args.attention, max_seq_len=max_seq_len
     )
     ours, hf = build_models(config, dtype, args.device, args.seed)
+    ours_body = ours.hidden_states if args.loss == "fused" else ours
     if args.compile:
         torch._dynamo.reset()
-        ours_fn, hf_fn = torch.compile(ours), torch.compile(hf)
+        ours_fn, hf_fn = torch.compile(ours_body), torch.compile(hf)
     else:
-        ours_fn, hf_fn = ours, hf
+        ours_fn, hf_fn = ours_body, hf
 
     generator = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(args.device)
 
     steps = {
-        "ours": (ours, lambda: next_token_loss(ours_fn(ids), ids)),
+        "ours": (
+            ours,
+            (lambda: fused_next_token_loss(ours_fn(ids), ours.lm_head.weight, ids))
+            if args.loss == "fused"
+            else (lambda: next_token_loss(ours_fn(ids), ids)),
+        ),
         "hf": (hf, lambda: next_token_loss(hf_fn(input_ids=ids, use_cache=False).logits, ids)),
     }
     times: dict[str, list[float]] = {"ours": [], "hf": []}
@@ -159,6 +183,7 @@ def run_case(args: argparse.Namespace, window: int | None) -> dict:
         "window": window,
         "window_cuts_seq": window is not None and args.seq > window,
         "mode": "compile" if args.compile else "eager",
+        "ours_loss": args.loss,
         "dtype": args.dtype,
         "device": args.device,
         "ours_attention": args.attention,
@@ -194,7 +219,7 @@ def _transformers_version() -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'case':<22} {'mode':<8} {'ours tok/s':>11} {'HF tok/s':>11} {'ours/HF':>8} "
+        f"{'case':<22} {'mode':<8} {'loss':<7} {'ours tok/s':>11} {'HF tok/s':>11} {'ours/HF':>8} "
         f"{'ours ms':>9} {'HF ms':>9} {'best ours/HF':>13}  first loss ours / HF"
     )
     print(header)
@@ -202,7 +227,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         case = f"seq {r['seq']} win {r['window']}"
         print(
-            f"{case:<22} {r['mode']:<8} {r['ours_tokens_per_s']:>11.0f} {r['hf_tokens_per_s']:>11.0f} "
+            f"{case:<22} {r['mode']:<8} {r['ours_loss']:<7} "
+            f"{r['ours_tokens_per_s']:>11.0f} {r['hf_tokens_per_s']:>11.0f} "
             f"{r['ratio_ours_over_hf']:>8.3f} {1000 * r['ours_step_s_median']:>9.1f} "
             f"{1000 * r['hf_step_s_median']:>9.1f} {r['ratio_best_ours_over_hf']:>13.3f}  "
             f"{r['first_loss']['ours']:.6f} / {r['first_loss']['hf']:.6f}"
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"train step (forward + CE loss + backward): preset {args.preset}, batch {args.batch}, seq {args.seq}, "
         f"{args.dtype} on {args.device}, {'torch.compile' if args.compile else 'eager'}, "
-        f"{torch.get_num_threads()} threads; ours attention={args.attention!r}, "
+        f"{torch.get_num_threads()} threads; ours attention={args.attention!r}, ours loss={args.loss!r}, "
         f"HF attn_implementation={HF_ATTENTION!r}; "
         f"torch {torch.__version__}, transformers {_transformers_version()}; "
         f"{args.warmup} warmup + median of {args.steps} interleaved steps"
