@@ -127,7 +127,7 @@ def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
             new_logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1)
         if eos_id is not None:
             done |= token == eos_id
-        if step + 1 == max_new_tokens or bool(done.all()):
+        if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
             produced = step + 1
             break
         # Finished rows keep stepping (their output is discarded) so every step has one shape.

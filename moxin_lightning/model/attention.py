@@ -42,7 +42,6 @@ class AttentionLayout:
     doc_ids: torch.Tensor | None = None
     q_index: torch.Tensor | None = None
     k_index: torch.Tensor | None = None
-    all_visible: bool = False  # cached decoding with a full buffer: every key is visible, no mask needed
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -50,17 +49,8 @@ class AttentionLayout:
         return cls(q_len=length, k_len=length, window=window, doc_ids=doc_ids)
 
     @classmethod
-    def cached(
-        cls, q_index: torch.Tensor, k_index: torch.Tensor, window: int | None, all_visible: bool = False
-    ) -> AttentionLayout:
-        return cls(
-            q_len=q_index.shape[1],
-            k_len=k_index.shape[1],
-            window=window,
-            q_index=q_index,
-            k_index=k_index,
-            all_visible=all_visible,
-        )
+    def cached(cls, q_index: torch.Tensor, k_index: torch.Tensor, window: int | None) -> AttentionLayout:
+        return cls(q_len=q_index.shape[1], k_len=k_index.shape[1], window=window, q_index=q_index, k_index=k_index)
 
     @property
     def is_cached(self) -> bool:
@@ -155,8 +145,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: At
     gqa = _uses_gqa(q, k)
     if layout.is_plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if layout.all_visible:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(q.device), enable_gqa=gqa)
 
 

@@ -19,7 +19,8 @@ class RollingKVCache:
     """Per-layer (B, n_kv_heads, slots, head_dim) keys and values plus the position held in each slot.
 
     One forward step is `prepare(positions)` -> `update(layer, k, v)` for each layer -> `commit()`;
-    the Transformer does this when it is given a cache.
+    the Transformer does this when it is given a cache. Each row must continue where it ended
+    (positions never go back), as in generation: the buffer only holds a row's newest tokens.
     """
 
     def __init__(
@@ -39,7 +40,6 @@ class RollingKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.slot_position = torch.full((batch_size, self.slots), -1, dtype=torch.long, device=device)
         self._step: _Step | None = None
-        self._full = False  # every slot of every row written (stays true: slots are only overwritten)
 
     @property
     def nbytes(self) -> int:
@@ -71,9 +71,7 @@ class RollingKVCache:
         next_index = self.slot_position.clone()
         next_index[rows, slots] = positions[:, 0]
         self._step = _Step(rows, None, slots, next_index, write_first=True)
-        # Once every slot holds a token, every key is visible and attention needs no mask at all.
-        self._full = self._full or bool((next_index >= 0).all())
-        return AttentionLayout.cached(positions, next_index, self.window, all_visible=self._full)
+        return AttentionLayout.cached(positions, next_index, self.window)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, Hkv, T, D) keys and values; return the keys and values to attend to."""

@@ -9,83 +9,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-# Each preset lists every architectural field so it reads as a complete spec.
+# What every Moxin-family preset shares: the 32K Mistral/Moxin tokenizer, RoPE theta 1e4, RMSNorm eps
+# 1e-5, untied embeddings (moxin-org/moxin-llm-7b config.json).
+_MOXIN_FAMILY: dict[str, Any] = dict(vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False)
+_MOXIN_7B: dict[str, Any] = dict(
+    _MOXIN_FAMILY, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+    sliding_window=4096, max_seq_len=32768,
+)  # fmt: skip
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # Moxin-7B (moxin-org/moxin-llm-7b config.json): Mistral geometry with 36 blocks.
-    "moxin-7b": dict(
-        vocab_size=32000,
-        dim=4096,
-        n_layers=36,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        ffn_dim=14336,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=4096,
-        max_seq_len=32768,
-        tie_embeddings=False,
-    ),
+    "moxin-7b": _MOXIN_7B,
     # Mistral-7B-v0.1: the same block, 32 of them.
-    "mistral-7b": dict(
-        vocab_size=32000,
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        head_dim=128,
-        ffn_dim=14336,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=4096,
-        max_seq_len=32768,
-        tie_embeddings=False,
-    ),
-    # Tiny Moxin-shaped models (GQA 4:1 or 2:1, SwiGLU, sliding window) that train on a laptop CPU.
-    # Vocabulary 32000 so they use the real Moxin/Mistral tokenizer; most of their weights are embeddings.
+    "mistral-7b": dict(_MOXIN_7B, n_layers=32),
+    # Tiny Moxin-shaped models (GQA, SwiGLU, a sliding window) that train on a laptop CPU. They keep the
+    # 32K vocabulary so they use the real tokenizer; most of their weights are embeddings.
     "moxin-tiny-9m": dict(
-        vocab_size=32000,
-        dim=128,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=32,
-        ffn_dim=384,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=256,
-        max_seq_len=2048,
-        tie_embeddings=False,
+        _MOXIN_FAMILY, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=384,
+        sliding_window=256, max_seq_len=2048,
     ),
     "moxin-tiny-23m": dict(
-        vocab_size=32000,
-        dim=256,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=2,
-        head_dim=32,
-        ffn_dim=768,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=512,
-        max_seq_len=4096,
-        tie_embeddings=False,
+        _MOXIN_FAMILY, dim=256, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=768,
+        sliding_window=512, max_seq_len=4096,
     ),
     "moxin-small-124m": dict(
-        vocab_size=32000,
-        dim=768,
-        n_layers=12,
-        n_heads=12,
-        n_kv_heads=4,
-        head_dim=64,
-        ffn_dim=2048,
-        norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=1024,
-        max_seq_len=8192,
-        tie_embeddings=False,
+        _MOXIN_FAMILY, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64, ffn_dim=2048,
+        sliding_window=1024, max_seq_len=8192,
     ),
-}
+}  # fmt: skip
 
 
 @dataclass
