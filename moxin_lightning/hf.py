@@ -268,14 +268,14 @@ def export_hf(
 ) -> Path:
     """Write a Hugging Face Mistral folder atomically (built aside, then renamed into place).
 
-    tokenizer: a SentencePiece `tokenizer.model` path, or an object with `save(directory)`.
+    tokenizer: a SentencePiece `tokenizer.model` path, or a `moxin_lightning.tokenizers.Tokenizer`.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite=True")
-    _check_tokenizer(tokenizer, model.config)
+    tokenizer = _as_tokenizer(tokenizer, model.config)
     state = to_hf_state_dict(model)
     dtype = next(iter(state.values())).dtype
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -297,7 +297,7 @@ def export_hf(
         _write_json(staging / "config.json", config_to_hf(config, dtype))
         _write_json(staging / "generation_config.json", {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id})
         if tokenizer is not None:
-            _write_tokenizer(tokenizer, staging, config)
+            tokenizer.save(staging)
         _replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -318,40 +318,20 @@ def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[st
     return shards
 
 
-def _check_tokenizer(tokenizer: Any, config: ModelConfig) -> None:
-    """Refuse a tokenizer file that is missing or larger than the model's vocabulary, before writing."""
-    if tokenizer is None or hasattr(tokenizer, "save"):
-        return
-    import sentencepiece
+def _as_tokenizer(tokenizer: Any, config: ModelConfig) -> Any:
+    """A tokenizer object (a `tokenizer.model` path is loaded); refused if larger than the model's vocabulary."""
+    if tokenizer is None:
+        return None
+    if not hasattr(tokenizer, "save"):
+        from moxin_lightning.tokenizers import SentencePieceTokenizer
 
-    source = Path(tokenizer)
-    if not source.is_file():
-        raise FileNotFoundError(f"tokenizer {source} not found; pass the path of a SentencePiece tokenizer.model")
-    pieces = sentencepiece.SentencePieceProcessor(model_file=str(source)).get_piece_size()
-    if pieces > config.vocab_size:
+        tokenizer = SentencePieceTokenizer(tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
-            f"tokenizer has {pieces} pieces but the model's vocab_size is {config.vocab_size}; "
+            f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}; "
             "export with the tokenizer the model was trained with"
         )
-
-
-def _write_tokenizer(tokenizer: Any, folder: Path, config: ModelConfig) -> None:
-    if hasattr(tokenizer, "save"):
-        tokenizer.save(folder)
-        return
-    shutil.copyfile(tokenizer, folder / "tokenizer.model")
-    _write_json(
-        folder / "tokenizer_config.json",
-        {
-            "tokenizer_class": "LlamaTokenizer",
-            "bos_token": "<s>",
-            "eos_token": "</s>",
-            "unk_token": "<unk>",
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "model_max_length": config.max_seq_len,
-        },
-    )
+    return tokenizer
 
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:

@@ -223,7 +223,7 @@ def test_export_ships_the_tokenizer(tmp_path):
     export_hf(tiny_model(vocab_size=300), tmp_path / "m", tokenizer=tmp_path / "tokenizer.model")
     assert (tmp_path / "m" / "tokenizer.model").read_bytes() == buffer.getvalue()
     tokenizer_config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
-    assert tokenizer_config["tokenizer_class"] == "LlamaTokenizer" and tokenizer_config["model_max_length"] == 512
+    assert tokenizer_config["tokenizer_class"] == "LlamaTokenizer" and tokenizer_config["eos_token"] == "</s>"
     with pytest.raises(FileNotFoundError, match="tokenizer .*nope.model not found"):
         export_hf(tiny_model(), tmp_path / "m2", tokenizer=tmp_path / "nope.model")
     assert not (tmp_path / "m2").exists()
