@@ -27,27 +27,20 @@ compiled during the warmup call, HF staying in its default eager mode):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+import common
 import torch
 
 from moxin_lightning.generate import generate
-from moxin_lightning.hf import config_to_hf, to_hf_state_dict
 from moxin_lightning.model.config import PRESETS, ModelConfig
 from moxin_lightning.model.transformer import Transformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HF_ATTENTION = "sdpa"
-
-
-def parse_window(text: str) -> int | None:
-    return None if text.lower() in ("none", "null", "full") else int(text)
+if TYPE_CHECKING:
+    from transformers import MistralForCausalLM
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,10 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes, one case each")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=256, help="new tokens per row")
-    parser.add_argument("--window", type=parse_window, default=256, help="model sliding_window ('none' = full)")
+    parser.add_argument("--window", type=common.parse_window, default=256, help="model sliding_window ('none' = full)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model first")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--attention", default="sdpa", help="our attention kernel (ModelConfig.attention)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
@@ -78,30 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_models(config: ModelConfig, dtype: torch.dtype, device: str, seed: int):
-    """Our model with seeded random weights, and HF Mistral holding a copy of exactly those weights."""
-    from transformers import MistralConfig, MistralForCausalLM
+def greedy_generation_config(hf: MistralForCausalLM) -> None:
+    """Set HF's generation_config so `generate` does what ours does with `eos_id=None`.
 
-    torch.manual_seed(seed)
-    ours = Transformer(config).to(device=device, dtype=dtype).eval()
-    hf_config = config_to_hf(config, dtype)
-    for key in ("dtype", "torch_dtype"):
-        hf_config.pop(key, None)
-    hf = MistralForCausalLM._from_config(MistralConfig(**hf_config), attn_implementation=HF_ATTENTION, dtype=dtype)
-    hf = hf.to(device).eval()
-    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
-    # Greedy, no early stop on EOS, nothing that alters the logits: exactly `max_new_tokens` argmax tokens.
+    Greedy, no early stop on EOS, nothing that alters the logits: exactly `max_new_tokens` argmax tokens per
+    row, so both sides do the same work and their tokens can be compared.
+    """
     gen = hf.generation_config
     gen.eos_token_id = None
     gen.pad_token_id = 0
     gen.do_sample = False
     gen.temperature = gen.top_p = gen.top_k = None
-    return ours, hf
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run_ours(model: Transformer, prompts: torch.Tensor, new: int, compile: bool) -> torch.Tensor:
@@ -122,10 +102,10 @@ def run_hf(model, prompts: torch.Tensor, new: int) -> torch.Tensor:
 
 
 def timed(fn, device: str) -> tuple[float, torch.Tensor]:
-    sync(device)
+    common.sync(device)
     start = time.perf_counter()
     result = fn()
-    sync(device)
+    common.sync(device)
     return time.perf_counter() - start, result
 
 
@@ -167,11 +147,7 @@ def run_case(args: argparse.Namespace, ours, hf, config: ModelConfig, batch: int
     mismatch = (~same).int().argmax(dim=1)
     first_diff = [int(m) if not row.all() else None for m, row in zip(mismatch, same, strict=True)]
     return {
-        "bench": "generate",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "preset": args.preset,
-        "config": config.to_dict(),
-        "params": ours.num_params(),
+        **common.record_start("generate", args.preset, config, ours.num_params()),
         "batch": batch,
         "prompt_tokens": args.prompt,
         "new_tokens": args.new,
@@ -182,7 +158,7 @@ def run_case(args: argparse.Namespace, ours, hf, config: ModelConfig, batch: int
         "device": args.device,
         "ours_attention": args.attention,
         "ours_decode": "torch.compile" if args.compile else "eager",
-        "hf_attn_implementation": HF_ATTENTION,
+        "hf_attn_implementation": common.HF_ATTENTION,
         "hf_cache": "default (DynamicCache, sliding-window layers)",
         "warmup": args.warmup,
         "repeats": args.repeats,
@@ -196,21 +172,8 @@ def run_case(args: argparse.Namespace, ours, hf, config: ModelConfig, batch: int
         "prefill_ratio_ours_over_hf": result["hf"]["prefill_s_median"] / result["ours"]["prefill_s_median"],
         "token_agreement": same.float().mean().item(),
         "first_mismatch_per_row": first_diff,
-        "torch": torch.__version__,
-        "transformers": _transformers_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        **common.environment(args.device, load_before),
     }
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def print_table(rows: list[dict]) -> None:
@@ -239,18 +202,22 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype = common.DTYPES[args.dtype]
     max_seq_len = max(args.prompt + args.new, PRESETS[args.preset]["max_seq_len"])
     config = ModelConfig.from_name(
         args.preset, sliding_window=args.window, attention=args.attention, max_seq_len=max_seq_len
     )
-    ours, hf = build_models(config, dtype, args.device, args.seed)
+    ours, hf = common.build_models(config, dtype, args.device, args.seed)
+    ours.eval()
+    hf.eval()
+    greedy_generation_config(hf)
     print(
         f"greedy generation: preset {args.preset} ({ours.num_params() / 1e6:.1f}M params), sliding_window "
         f"{config.sliding_window}, prompt {args.prompt} + {args.new} new tokens, {args.dtype} on {args.device}, "
         f"{torch.get_num_threads()} threads; ours attention={args.attention!r} "
         f"({'compiled' if args.compile else 'eager'} decode), HF attn_implementation="
-        f"{HF_ATTENTION!r} with its default cache; torch {torch.__version__}, transformers {_transformers_version()}; "
+        f"{common.HF_ATTENTION!r} with its default cache; "
+        f"torch {torch.__version__}, transformers {common.transformers_version()}; "
         f"{args.warmup} warmup + median of {args.repeats} interleaved calls"
     )
     rows = []
@@ -264,11 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print()
     print_table(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as file:
-        for row in rows:
-            file.write(json.dumps(row) + "\n")
+    out = common.append_jsonl(args.out, rows)
     print(f"\nappended {len(rows)} line(s) to {out}")
 
 

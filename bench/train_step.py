@@ -29,28 +29,16 @@ Run (about 1-3 minutes on 2 CPU cores with the defaults):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 
-from moxin_lightning.hf import config_to_hf, to_hf_state_dict
 from moxin_lightning.losses import linear_cross_entropy
 from moxin_lightning.model.config import PRESETS, ModelConfig
-from moxin_lightning.model.transformer import Transformer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HF_ATTENTION = "sdpa"
-
-
-def parse_window(text: str) -> int | None:
-    return None if text.lower() in ("none", "null", "full") else int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument(
         "--window",
-        type=parse_window,
+        type=common.parse_window,
         nargs="+",
         default=[256, 512],
         help="sliding window(s); one case each ('none' = full attention). Default: 256 (cuts seq 512) and 512",
@@ -76,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["logits", "fused"],
         help="ours: CE on full logits like HF, or the fused head + CE of moxin_lightning.losses",
     )
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--attention", default="sdpa", help="our attention kernel (ModelConfig.attention)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
@@ -86,24 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     return args
-
-
-def build_models(config: ModelConfig, dtype: torch.dtype, device: str, seed: int):
-    """Our model with seeded random weights, and HF Mistral holding a copy of exactly those weights."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    ours = Transformer(config).to(device=device, dtype=dtype)
-    hf_config = config_to_hf(config, dtype)
-    for key in ("dtype", "torch_dtype"):
-        hf_config.pop(key, None)
-    hf = MistralForCausalLM._from_config(MistralConfig(**hf_config), attn_implementation=HF_ATTENTION, dtype=dtype)
-    hf = hf.to(device)
-    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
-    hf.config.use_cache = False
-    ours.train()
-    hf.train()
-    return ours, hf
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -116,18 +86,16 @@ def fused_next_token_loss(hidden: torch.Tensor, head: torch.Tensor, ids: torch.T
     return loss_sum / count
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_case(args: argparse.Namespace, window: int | None) -> dict:
-    dtype = DTYPES[args.dtype]
+    dtype = common.DTYPES[args.dtype]
     max_seq_len = max(args.seq, PRESETS[args.preset]["max_seq_len"])
     config = ModelConfig.from_name(
         args.preset, sliding_window=window, attention=args.attention, max_seq_len=max_seq_len
     )
-    ours, hf = build_models(config, dtype, args.device, args.seed)
+    ours, hf = common.build_models(config, dtype, args.device, args.seed)
+    hf.config.use_cache = False
+    ours.train()
+    hf.train()
     ours_body = ours.hidden_states if args.loss == "fused" else ours
     if args.compile:
         torch._dynamo.reset()
@@ -156,11 +124,11 @@ def run_case(args: argparse.Namespace, window: int | None) -> dict:
         for name in order:
             model, step = steps[name]
             model.zero_grad(set_to_none=True)
-            sync(args.device)
+            common.sync(args.device)
             start = time.perf_counter()
             loss = step()
             loss.backward()
-            sync(args.device)
+            common.sync(args.device)
             elapsed = time.perf_counter() - start
             if round_ == 0:
                 first_loss[name] = loss.item()
@@ -173,11 +141,7 @@ def run_case(args: argparse.Namespace, window: int | None) -> dict:
     tok_s = {name: tokens / median[name] for name in median}
     best = {name: min(t) for name, t in times.items()}
     return {
-        "bench": "train_step",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "preset": args.preset,
-        "config": config.to_dict(),
-        "params": ours.num_params(),
+        **common.record_start("train_step", args.preset, config, ours.num_params()),
         "batch": args.batch,
         "seq": args.seq,
         "window": window,
@@ -187,7 +151,7 @@ def run_case(args: argparse.Namespace, window: int | None) -> dict:
         "dtype": args.dtype,
         "device": args.device,
         "ours_attention": args.attention,
-        "hf_attn_implementation": HF_ATTENTION,
+        "hf_attn_implementation": common.HF_ATTENTION,
         "warmup": args.warmup,
         "steps": args.steps,
         "ours_tokens_per_s": tok_s["ours"],
@@ -200,21 +164,8 @@ def run_case(args: argparse.Namespace, window: int | None) -> dict:
         "hf_step_s_all": times["hf"],
         "first_step_s": compile_s,
         "first_loss": first_loss,
-        "torch": torch.__version__,
-        "transformers": _transformers_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1m_before_after": [load_before, os.getloadavg()[0]],
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        **common.environment(args.device, load_before),
     }
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def print_table(rows: list[dict]) -> None:
@@ -243,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         f"train step (forward + CE loss + backward): preset {args.preset}, batch {args.batch}, seq {args.seq}, "
         f"{args.dtype} on {args.device}, {'torch.compile' if args.compile else 'eager'}, "
         f"{torch.get_num_threads()} threads; ours attention={args.attention!r}, ours loss={args.loss!r}, "
-        f"HF attn_implementation={HF_ATTENTION!r}; "
-        f"torch {torch.__version__}, transformers {_transformers_version()}; "
+        f"HF attn_implementation={common.HF_ATTENTION!r}; "
+        f"torch {torch.__version__}, transformers {common.transformers_version()}; "
         f"{args.warmup} warmup + median of {args.steps} interleaved steps"
     )
     rows = []
@@ -260,11 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print_table(rows)
     print("tok/s and ms: median step; best ours/HF: ratio of the fastest step of each (less sensitive to other load)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as file:
-        for row in rows:
-            file.write(json.dumps(row) + "\n")
+    out = common.append_jsonl(args.out, rows)
     print(f"\nappended {len(rows)} line(s) to {out}")
 
 
