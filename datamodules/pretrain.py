@@ -1,0 +1,274 @@
+"""`PretrainData`: stream prepared token datasets with mixture weights, packed into `seq_len` rows.
+
+Each prepared dataset (`python -m moxin_lightning prepare`) is read document by document with litdata's
+`StreamingDataset` and `StreamingDataLoader` (workers, shuffling, exact mid-epoch state). The mixture is
+drawn here, in the main process: read k takes the next documents from dataset i chosen by a generator
+seeded with (seed, k), so the whole stream is a function of its position, and a checkpoint holds the
+position of every loader, the number of reads and the unpacked tokens. litdata's own
+`CombinedStreamingDataset` does the same sampling but, measured with 2 workers, does not resume to the same
+documents, which exact resume needs.
+
+Pretraining is one long streaming epoch bounded by the trainer's `max_steps`: a dataset that runs out
+starts its next pass (reshuffled) without ending the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+
+from datamodules.packing import TokenPacker
+
+PREPARE_HINT = "python -m moxin_lightning prepare --input ... --tokenizer ... --output {path}"
+
+
+def _keep_list(items: list[Any]) -> list[Any]:
+    """Collate function: documents differ in length, so a batch stays a list."""
+    return items
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared dataset folder, or a one-line error saying how to prepare it."""
+    folder = Path(path)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file() or not (folder / "train").is_dir():
+        raise FileNotFoundError(f"no prepared dataset at {folder}; make it with: {PREPARE_HINT.format(path=folder)}")
+    data = json.loads(manifest.read_text())
+    if not data.get("splits", {}).get("train", {}).get("tokens"):
+        raise ValueError(f"prepared dataset {folder} is empty; re-run prepare on non-empty inputs")
+    return data
+
+
+class PretrainData(L.LightningDataModule):
+    """Batches {input_ids, labels, doc_ids} of shape (batch_size, seq_len) from one or more prepared datasets.
+
+    Args:
+        datasets: prepared dataset folders (the `--output` of `prepare`).
+        weights: mixture weights, one per dataset (normalised; default equal).
+        seq_len: tokens per row; `set_seq_len` changes it mid-run with the token stream continuing.
+        batch_size: rows per batch (per device).
+        num_workers: litdata reader processes per dataset.
+        seed: shuffling and mixture seed.
+        docs_per_read: documents taken from one dataset per mixture draw.
+        val_batches: batches in one validation pass over the held-out splits.
+        max_seq_len, vocab_size: limits to check against; taken from the model when the trainer has one.
+    """
+
+    def __init__(
+        self,
+        datasets: list[str],
+        weights: list[float] | None = None,
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        shuffle: bool = True,
+        docs_per_read: int = 64,
+        val_batches: int = 20,
+        max_seq_len: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not datasets:
+            raise ValueError("PretrainData needs at least one prepared dataset folder in `datasets`")
+        if weights is not None and (len(weights) != len(datasets) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"weights {weights} must be {len(datasets)} non-negative numbers with a positive sum")
+        self.datasets = [str(d) for d in datasets]
+        self.weights = np.asarray(weights if weights is not None else [1.0] * len(datasets), dtype=np.float64)
+        self.weights = self.weights / self.weights.sum()
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.docs_per_read = docs_per_read
+        self.val_batches = val_batches
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.manifests: list[dict[str, Any]] = []
+        self._train_stream: PackedStream | None = None
+
+    # -- checks -------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        self.manifests = [read_manifest(path) for path in self.datasets]
+        tokenizers = {m["tokenizer"]["fingerprint"] for m in self.manifests}
+        if len(tokenizers) > 1:
+            raise ValueError(f"datasets {self.datasets} were made with different tokenizers; prepare them with one")
+        model_config = self._model_config()
+        if model_config is not None:
+            self.max_seq_len = self.max_seq_len or model_config.max_seq_len
+            self.vocab_size = self.vocab_size or model_config.vocab_size
+        tokenizer_vocab = self.manifests[0]["tokenizer"]["vocab_size"]
+        if self.vocab_size is not None and tokenizer_vocab > self.vocab_size:
+            raise ValueError(
+                f"the data's tokenizer has {tokenizer_vocab} tokens but the model's vocab_size is {self.vocab_size}; "
+                "prepare the data with the model's tokenizer or resize the model"
+            )
+        self._check_seq_len(self.seq_len)
+
+    def _model_config(self) -> Any:
+        trainer = self.trainer
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return getattr(module, "model_config", None)
+
+    def _check_seq_len(self, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len} must be >= 1")
+        if self.max_seq_len is not None and seq_len > self.max_seq_len:
+            raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={self.max_seq_len}; lower seq_len")
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the token stream: every dataset's fingerprint, the weights and the seed."""
+        if not self.manifests:
+            self.manifests = [read_manifest(path) for path in self.datasets]
+        parts = [m["fingerprint"] for m in self.manifests] + [repr(self.weights.round(12).tolist()), str(self.seed)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    # -- phase-aware length -------------------------------------------------------------------------------
+
+    def set_seq_len(self, seq_len: int) -> None:
+        """Rows from the next batch on have `seq_len` tokens; the stream continues where it was."""
+        self._check_seq_len(seq_len)
+        self.seq_len = seq_len
+
+    # -- loaders ------------------------------------------------------------------------------------------
+
+    def _loaders(self, split: str, shuffle: bool) -> list[StreamingDataLoader]:
+        return [
+            StreamingDataLoader(
+                StreamingDataset(str(Path(path) / split), shuffle=shuffle, seed=self.seed),
+                batch_size=self.docs_per_read,
+                num_workers=self.num_workers,
+                collate_fn=_keep_list,
+            )
+            for path in self.datasets
+        ]
+
+    def train_dataloader(self) -> PackedStream:
+        self._train_stream = PackedStream(
+            self._loaders("train", self.shuffle),
+            self.weights,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            seq_len=lambda: self.seq_len,
+            fingerprint=self.fingerprint,
+            length=self._length_hint(),
+        )
+        return self._train_stream
+
+    def val_dataloader(self) -> list[dict[str, torch.Tensor]]:
+        """The first `val_batches` batches of the held-out splits, the same every time."""
+        stream = PackedStream(
+            self._loaders("val", shuffle=False),
+            self.weights,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            seq_len=lambda: self.seq_len,
+            fingerprint=self.fingerprint,
+            length=self.val_batches,
+            repeat=False,
+        )
+        return list(stream)
+
+    def _length_hint(self) -> int:
+        """Batches in the one long epoch: enough for max_steps (Lightning then needs no look-ahead batch)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps * trainer.accumulate_grad_batches
+        return 10**12
+
+
+class PackedStream:
+    """Infinite (or `length`-bounded) iterable of packed batches with an exact, checkpointable position."""
+
+    def __init__(
+        self,
+        loaders: list[StreamingDataLoader],
+        weights: np.ndarray,
+        *,
+        seed: int,
+        batch_size: int,
+        seq_len: Any,
+        fingerprint: str,
+        length: int,
+        repeat: bool = True,
+    ) -> None:
+        self.loaders, self.weights, self.seed = loaders, weights, seed
+        self.batch_size, self.seq_len, self.fingerprint = batch_size, seq_len, fingerprint
+        self.length, self.repeat = length, repeat
+        self.packer = TokenPacker()
+        self.reads = 0
+        self._iterators: list[Iterator | None] = [None] * len(loaders)
+        self._exhausted = [False] * len(loaders)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        emitted = 0
+        while emitted < self.length:
+            seq_len = self.seq_len()
+            while not self.packer.can_emit(self.batch_size, seq_len):
+                if not self._read():
+                    return
+            yield self.packer.emit(self.batch_size, seq_len)
+            emitted += 1
+
+    def _read(self) -> bool:
+        """Move the next documents of one dataset into the packer; False when every dataset is done."""
+        live = np.array([not done for done in self._exhausted])
+        if not live.any():
+            return False
+        weights = self.weights * live
+        draw = np.random.default_rng([self.seed, self.reads]).random()
+        index = int(np.searchsorted(np.cumsum(weights / weights.sum()), draw, side="right"))
+        index = min(index, len(self.loaders) - 1)
+        self.reads += 1
+        documents = self._next_documents(index)
+        if documents is None:
+            return self._read()
+        self.packer.add_documents(documents)
+        return True
+
+    def _next_documents(self, index: int) -> list[Any] | None:
+        if self._iterators[index] is None:
+            self._iterators[index] = iter(self.loaders[index])
+        try:
+            return next(self._iterators[index])
+        except StopIteration:
+            self._iterators[index] = None
+            if not self.repeat:
+                self._exhausted[index] = True
+                return None
+            self._iterators[index] = iter(self.loaders[index])  # next pass over this dataset
+            return next(self._iterators[index])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "reads": self.reads,
+            "packer": self.packer.state_dict(),
+            "loaders": [loader.state_dict() for loader in self.loaders],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"the checkpoint was trained on data {state['fingerprint']} but the configured datasets are "
+                f"{self.fingerprint}; resume with the same datasets, weights and seed, or start a new run"
+            )
+        self.reads = int(state["reads"])
+        self.packer.load_state_dict(state["packer"])
+        for loader, loader_state in zip(self.loaders, state["loaders"], strict=True):
+            loader.load_state_dict(loader_state)
+        self._iterators = [None] * len(self.loaders)
