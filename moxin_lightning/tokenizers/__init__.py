@@ -1,6 +1,16 @@
-"""Tokenizers: the `Tokenizer` protocol and its implementations."""
+"""Tokenizers: the `Tokenizer` protocol and its implementations, tokenizer training, vocabulary extension."""
 
 from moxin_lightning.tokenizers.base import Tokenizer, file_fingerprint
+from moxin_lightning.tokenizers.extend import extend_vocabulary
+from moxin_lightning.tokenizers.moe import MoETokenizer
 from moxin_lightning.tokenizers.sentencepiece import SentencePieceTokenizer
+from moxin_lightning.tokenizers.train import train_tokenizer
 
-__all__ = ["SentencePieceTokenizer", "Tokenizer", "file_fingerprint"]
+__all__ = [
+    "MoETokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "extend_vocabulary",
+    "file_fingerprint",
+    "train_tokenizer",
+]
