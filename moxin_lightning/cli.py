@@ -1,7 +1,8 @@
 """Command-line entry point: `python -m moxin_lightning <command>`.
 
-Commands so far: `info` (a preset's size, FLOPs and cache memory) and `demo` (a self-check of the
-backbone, the rolling-buffer generator and the Hugging Face round trip on a tiny model).
+Commands so far: `info` (a preset's size, FLOPs and cache memory), `demo` (a self-check of the
+backbone, the rolling-buffer generator and the Hugging Face round trip on a tiny model), `train-tokenizer`
+and `prepare` (the data pipeline). Each command module registers its own arguments.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--new_tokens", type=int, default=600)
     demo.add_argument("--out", default=None, help="where to write the exported HF folder (default: a temp dir)")
     demo.set_defaults(run=_demo)
+
+    from moxin_lightning.tokenizers.train import register as register_train_tokenizer
+
+    register_train_tokenizer(commands)
     return parser
 
 
