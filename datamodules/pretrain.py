@@ -15,7 +15,6 @@ starts its next pass (reshuffled) without ending the epoch.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.packing import TokenPacker
-
-PREPARE_HINT = "python -m moxin_lightning prepare --input ... --tokenizer ... --output {path}"
+from moxin_lightning.data import manifest
 
 
 def _keep_list(items: list[Any]) -> list[Any]:
@@ -36,14 +34,12 @@ def _keep_list(items: list[Any]) -> list[Any]:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset folder, or a one-line error saying how to prepare it."""
-    folder = Path(path)
-    manifest = folder / "manifest.json"
-    if not manifest.is_file() or not (folder / "train").is_dir():
-        raise FileNotFoundError(f"no prepared dataset at {folder}; make it with: {PREPARE_HINT.format(path=folder)}")
-    data = json.loads(manifest.read_text())
+    """The manifest of a prepared dataset folder; one-line errors when it is missing, empty or not streamable."""
+    data = manifest.read(path)
     if not data.get("splits", {}).get("train", {}).get("tokens"):
-        raise ValueError(f"prepared dataset {folder} is empty; re-run prepare on non-empty inputs")
+        raise ValueError(f"prepared dataset {path} is empty; re-run prepare on non-empty inputs")
+    if data.get("layout", "documents") != "documents":
+        raise ValueError(f"{path} was prepared with --layout {data['layout']}; PretrainData streams --layout documents")
     return data
 
 

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moxin_lightning.tokenizers.train import register as register_train_tokenizer
 
     register_train_tokenizer(commands)
+    from moxin_lightning.data.prepare import register as register_prepare
+
+    register_prepare(commands)
     return parser
 
 

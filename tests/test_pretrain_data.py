@@ -125,7 +125,7 @@ def test_validation_is_the_held_out_split_and_repeatable(data_dirs):
 
 def test_refusals_are_one_line_errors(data_dirs, tmp_path):
     with pytest.raises(
-        FileNotFoundError, match="no prepared dataset at .*missing; make it with: python -m moxin_lightning prepare"
+        FileNotFoundError, match="no prepared dataset at .*missing .*; make it with: python -m moxin_lightning prepare"
     ):
         module([tmp_path / "missing"])
     with pytest.raises(ValueError, match="tokenizer has 200 tokens but the model's vocab_size is 150"):

@@ -1,0 +1,341 @@
+"""`prepare`: documents -> litdata token shards + `manifest.json`, written all at once or not at all.
+
+    python -m moxin_lightning prepare --input 'corpus/*.jsonl.gz' --tokenizer tokenizer.model --output data/c1
+    python -m moxin_lightning prepare --input builtin:prose?max_mb=2 --tokenizer tok.model --output data/demo
+
+Output layout: `OUTPUT/train/` and `OUTPUT/val/` are litdata datasets (`index.json` + `chunk-*.bin`, int32
+tokens, one item per document) for `StreamingDataset(dir)`, or with `layout="tokens"` for
+`StreamingDataset(dir, item_loader=TokensLoader(block_size=n))` (see `shards.py`); `OUTPUT/manifest.json`
+says what they hold (see `manifest.py`). Each document becomes BOS + `tokenizer.encode(text)` + EOS, and documents
+follow each other in input order: inputs as given, files of a glob sorted, records in file order.
+With `val_fraction=0` there is no `val/`.
+
+Steps: expand the inputs into sources (`sources.py`, `builtin.py`); read and tokenize every source once in
+`num_workers` litdata workers (one source = one unit of work, so parallelism is across files: shard a big
+corpus into many files), training documents streaming into `train/` and each source's validation documents
+(`worker.is_validation`) saved aside; then write those into `val/`, hash both token streams, and write the
+manifest.
+
+Nothing half-written: everything goes to a hidden sibling folder `.OUTPUT.tmp-<pid>-<id>`, renamed to OUTPUT
+only when complete; an existing dataset at OUTPUT is replaced (with `overwrite=True`) only then. A run that
+dies leaves OUTPUT untouched; a temp folder left by a killed run is removed by the next `prepare` of the same
+OUTPUT once its process is gone.
+
+This module does not import Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moxin_lightning.data import manifest as manifests
+from moxin_lightning.data.progress import Progress
+from moxin_lightning.data.publish import check_output, publish, remove_stale_temporaries, staging_folder
+from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens, write_shards
+from moxin_lightning.data.sources import DataError, Source, expand_input
+from moxin_lightning.data.worker import SPLIT_RULE, TokenizeUnits, ValTokens, read_reports
+from moxin_lightning.tokenizers.base import Tokenizer
+
+DOCUMENT_FORMAT = "BOS + tokenizer.encode(text) + EOS per document; documents back to back in input order"
+DEFAULT_CHUNK_BYTES = "64MB"
+READ_WITH = {
+    "documents": "litdata.StreamingDataset(dir): one int32 array per document",
+    "tokens": "litdata.StreamingDataset(dir, item_loader=litdata.TokensLoader(block_size=n)): blocks of n tokens",
+}
+
+
+class PrepareError(RuntimeError):
+    """A worker failed (e.g. the tokenizer raised); the message is one line naming the documents.
+
+    `details` holds the worker's traceback, for debugging a tokenizer."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def prepare(
+    inputs: Sequence[str],
+    tokenizer: Tokenizer | str | Path,
+    output: str | Path,
+    *,
+    text_key: str = "text",
+    num_workers: int | None = None,
+    val_fraction: float = 0.005,
+    overwrite: bool = False,
+    seed: int = 0,
+    layout: str = "documents",
+    chunk_bytes: int | str = DEFAULT_CHUNK_BYTES,
+    progress: bool = False,
+    start_method: str | None = None,
+) -> Path:
+    """Tokenize `inputs` into `output` (train/, val/, manifest.json) and return `output` as a Path.
+
+    `tokenizer` is a `Tokenizer`, the path of a SentencePiece `tokenizer.model` (or its folder), or a folder
+    written by `MoETokenizer.save`.
+    `num_workers` defaults to the CPUs this process may use (0 means 1). `seed` salts the val split's hash.
+    `layout` is "documents" (one document per litdata item, read by `StreamingDataset(dir)` and by
+    `datamodules.PretrainData`) or "tokens" (`TokensLoader`); see `shards.py`. Raises
+    DataError (bad inputs), FileExistsError (OUTPUT holds a dataset and `overwrite` is False, or holds other
+    files) or PrepareError (a worker failed), each with a one-line message, before OUTPUT is touched.
+    """
+    tokenizer = _load_tokenizer(tokenizer)
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if layout not in LAYOUTS:
+        raise DataError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if "://" in str(output):
+        raise DataError(f"--output {output} must be a local folder; upload the finished folder afterwards")
+    output = Path(output).expanduser().absolute()
+    check_output(output, overwrite)
+    groups, sources = _plan(inputs, text_key)
+    workers = num_workers if num_workers is not None else _available_cpus()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)
+    staging = staging_folder(output)
+    try:
+        shards = {"layout": layout, "chunk_bytes": chunk_bytes, "start_method": start_method}
+        reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress)
+        body = _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout)
+        shutil.rmtree(staging / ".work")
+        manifests.write(staging, manifests.build(body))
+        publish(staging, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _tokenize(
+    sources: list[Source],
+    tokenizer: Tokenizer,
+    staging: Path,
+    val_fraction: float,
+    seed: int,
+    workers: int,
+    shards: dict[str, Any],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Write staging/train (and staging/val); return the workers' per-source reports, in source order."""
+    work = staging / ".work"
+    stats_dir, val_dir = work / "stats", work / "val"
+    stats_dir.mkdir(parents=True)
+    val_dir.mkdir()
+    shards = {**shards, "cache_dir": work / "litdata"}
+    fn = TokenizeUnits(sources, tokenizer, val_fraction, seed, stats_dir, val_dir)
+    monitor = Progress(stats_dir, len(sources)) if progress else None
+    try:
+        write_shards(fn, len(sources), staging / "train", num_workers=workers, **shards)
+    finally:
+        if monitor is not None:
+            monitor.stop()
+    errors = read_reports(stats_dir, "error")
+    if errors:
+        if errors[0]["data_error"]:
+            raise DataError(errors[0]["message"])
+        raise PrepareError(errors[0]["message"], errors[0]["traceback"])
+    reports = [report for report in read_reports(stats_dir) if report["done"]]
+    if [report["unit"] for report in reports] != list(range(len(sources))):
+        raise PrepareError(f"only {len(reports)} of {len(sources)} sources were finished; rerun prepare")
+    _check_splits(reports, val_fraction)
+    if val_fraction > 0:
+        val_files = sorted(val_dir.glob("*.npz"))
+        write_shards(ValTokens(val_files), len(val_files), staging / "val", num_workers=1, **shards)
+    return reports
+
+
+def _plan(inputs: Sequence[str], text_key: str) -> tuple[list[tuple[str, list[int]]], list[Source]]:
+    """All sources in order, and the manifest entries they form: (input, units), one per file or builtin input."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs:
+        raise DataError("no --input given; pass files, globs, URLs or builtin:code / builtin:prose")
+    groups: list[tuple[str, list[int]]] = []
+    sources: list[Source] = []
+    for spec in inputs:
+        expanded = expand_input(spec, text_key)
+        if not expanded:
+            raise DataError(f"--input {spec} holds no documents (a cap of 0, or an empty corpus)")
+        units = list(range(len(sources), len(sources) + len(expanded)))
+        sources.extend(expanded)
+        if spec.startswith("builtin:"):
+            groups.append((spec, units))
+        else:
+            groups.extend((spec, [unit]) for unit in units)
+    return groups, sources
+
+
+def _check_splits(reports: list[dict[str, Any]], val_fraction: float) -> None:
+    """One-line errors for no documents at all, or a split left empty by the val fraction."""
+    documents = sum(report["source"]["documents"] for report in reports)
+    in_val = sum(report["val"]["documents"] for report in reports)
+    if documents == 0:
+        skipped: dict[str, int] = {}
+        for report in reports:
+            for reason, count in report["source"]["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "no records"
+        raise DataError(f"the inputs hold no documents ({reasons}); check --input and --text_key")
+    if val_fraction > 0 and in_val == 0:
+        raise DataError(
+            f"val_fraction {val_fraction} picked none of the {documents} documents; "
+            "raise --val_fraction, or pass --val_fraction 0 for no val split"
+        )
+    if in_val == documents:
+        raise DataError(f"val_fraction {val_fraction} put all {documents} documents in val; lower --val_fraction")
+
+
+def _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout) -> dict[str, Any]:
+    """Everything the manifest says, from the workers' reports and the written shards."""
+    names = [name for name in manifests.SPLITS if (staging / name).is_dir()]
+    splits = {name: _split_entry(staging / name, [report[name] for report in reports]) for name in names}
+    return {
+        "tokenizer": {
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "path": str(getattr(tokenizer, "path", "")),
+        },
+        "dtype": DTYPE.__name__,
+        "document": DOCUMENT_FORMAT,
+        "layout": layout,
+        "read_with": READ_WITH[layout],
+        "split": {"val_fraction": val_fraction, "seed": seed, "rule": SPLIT_RULE},
+        "splits": splits,
+        "documents": sum(split["documents"] for split in splits.values()),
+        "tokens": sum(split["tokens"] for split in splits.values()),
+        "text_key": text_key,
+        "sources": [_source_entry(spec, [reports[unit]["source"] for unit in units]) for spec, units in groups],
+    }
+
+
+def _split_entry(folder: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and the sha256 of the int32 token stream, read back through litdata and checked against the workers'
+    counts, so a manifest only ever describes shards that read back as what was tokenized."""
+    digest = hashlib.sha256()
+    tokens = 0
+    for piece in read_tokens(folder):
+        digest.update(piece.astype("<i4", copy=False).tobytes())
+        tokens += piece.size
+    entry = {
+        "path": folder.name,
+        "documents": sum(report["documents"] for report in reports),
+        "tokens": sum(report["tokens"] for report in reports),
+        "chunks": len(list(folder.glob("chunk-*.bin"))),
+        "sha256": digest.hexdigest(),
+    }
+    if (count_items(folder), tokens) != (entry["documents"], entry["tokens"]):
+        raise PrepareError(
+            f"{folder.name}: litdata holds {count_items(folder)} documents / {tokens} tokens, the workers made "
+            f"{entry['documents']} / {entry['tokens']}; rerun prepare"
+        )
+    return entry
+
+
+def _source_entry(spec: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest entry: a file as read, or a builtin input summed over its parts.
+
+    A builtin input's sha256 is the sha256 of its parts' hex digests, each followed by a newline."""
+    if len(parts) == 1 and not spec.startswith("builtin:"):
+        return {"input": spec, **parts[0]}
+    skipped: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    return {
+        "input": spec,
+        "path": spec,
+        "parts": len(parts),
+        "bytes": sum(part["bytes"] for part in parts),
+        "sha256": hashlib.sha256("".join(part["sha256"] + "\n" for part in parts).encode()).hexdigest(),
+        "documents": sum(part["documents"] for part in parts),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": [example for part in parts for example in part["skipped_examples"]][:5],
+    }
+
+
+def _load_tokenizer(tokenizer: Tokenizer | str | Path) -> Tokenizer:
+    """A path is a MoE tokenizer folder (it holds the MoE layout file) or a SentencePiece model or its folder."""
+    if isinstance(tokenizer, (str, Path)):
+        from moxin_lightning.tokenizers.moe import LAYOUT_FILE, MoETokenizer
+        from moxin_lightning.tokenizers.sentencepiece import SentencePieceTokenizer
+
+        path = Path(tokenizer).expanduser()
+        tokenizer = MoETokenizer.load(path) if (path / LAYOUT_FILE).is_file() else SentencePieceTokenizer(path)
+    if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
+        raise DataError("the tokenizer has no BOS or EOS token; prepare frames every document with both")
+    if tokenizer.vocab_size > 2**31 - 1:
+        raise DataError(f"vocab_size {tokenizer.vocab_size} does not fit the int32 shards")
+    return tokenizer
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `prepare` subcommand to the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "prepare",
+        help="tokenize documents into litdata shards + manifest.json",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH_OR_GLOB",
+        help="a .txt / .jsonl[.gz|.bz2|.xz|.zst] / .parquet file, glob, folder or fsspec URL, or builtin:code, "
+        "builtin:prose (caps: builtin:prose?max_mb=2&max_documents=100); repeat for more",
+    )
+    parser.add_argument(
+        "--tokenizer", required=True, help="a SentencePiece tokenizer.model or its folder, or a MoE tokenizer folder"
+    )
+    parser.add_argument("--output", required=True, help="the dataset folder to create (train/, val/, manifest.json)")
+    parser.add_argument("--text_key", default="text", help="the JSON field / parquet column holding the text")
+    parser.add_argument("--num_workers", type=int, default=None, help="worker processes (default: all CPUs)")
+    parser.add_argument("--val_fraction", type=float, default=0.005, help="share of documents for val/ (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="salts the hash that picks the val documents")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="documents",
+        help="documents: one litdata item per document (what PretrainData reads); tokens: for TokensLoader",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    try:
+        output = prepare(
+            args.input,
+            args.tokenizer,
+            args.output,
+            text_key=args.text_key,
+            num_workers=args.num_workers,
+            val_fraction=args.val_fraction,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            layout=args.layout,
+            progress=True,
+        )
+    except (DataError, PrepareError, OSError, ValueError) as error:
+        raise SystemExit(f"prepare: error: {error}") from None
+    manifest = manifests.read(output)
+    splits = ", ".join(
+        f"{name} {split['documents']:,} documents / {split['tokens']:,} tokens"
+        for name, split in manifest["splits"].items()
+    )
+    print(f"prepared {output}: {splits}; fingerprint {manifest['fingerprint']}")

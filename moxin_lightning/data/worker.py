@@ -1,0 +1,168 @@
+"""What a `prepare` worker does with one unit of work (one source): read, pick the split, tokenize.
+
+The split of a document is a pure function of its text and the seed (`is_validation`), so every worker decides
+it alone, duplicates of a document land in the same split (no exact train/val leakage), and the choice does
+not depend on the input order or the number of workers.
+
+Every source is read and tokenized once. Training documents go straight to litdata; a unit's validation
+tokens (0.5% by default) are saved to `val_dir/<unit>.npz`, and `ValTokens` turns those files into the val
+shards afterwards, in unit order, without reading or tokenizing anything again.
+
+A worker reports through small JSON files in `stats_dir`, one per unit, rewritten after every batch (the main
+process sums them for progress) and marked `done` at the end. On failure it writes an `.error` report (a
+one-line message and the traceback) and a `failed` flag, and *returns* instead of raising: every worker then
+skips its remaining units, litdata finishes normally, and the main process raises the message. Raising inside
+litdata (0.2.76) would make it kill the workers but not the helper process each worker starts, which then
+waits forever as an orphan; it would also print a multi-line traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moxin_lightning.data.shards import DTYPE
+from moxin_lightning.data.sources import DataError, Record, Source, SourceStats
+from moxin_lightning.tokenizers.base import Tokenizer
+
+BATCH_CHARS = 1 << 20  # text per `encode_batch` call: large enough for sentencepiece's threads, small in memory
+BATCH_DOCUMENTS = 4096
+SPLIT_RULE = (
+    "val when int.from_bytes(hashlib.blake2b(f'{seed}\\n'.encode() + text.encode('utf-8'), digest_size=8)"
+    ".digest(), 'little') < val_fraction * 2**64"
+)
+
+
+def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
+    """Whether a document goes to the validation split (see `SPLIT_RULE`)."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}\n".encode() + text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer.encode(text)` for each text, in one `encode_batch` call when the tokenizer has one."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    return batch(texts) if batch is not None else [tokenizer.encode(text) for text in texts]
+
+
+@dataclass
+class TokenizeUnits:
+    """The function litdata runs in each worker: unit index -> one int32 array, BOS + ids + EOS, per training
+    document, in order; the unit's validation documents go to `val_dir`."""
+
+    sources: list[Source]
+    tokenizer: Tokenizer
+    val_fraction: float
+    seed: int
+    stats_dir: Path
+    val_dir: Path
+
+    def __call__(self, unit: int) -> Iterator[np.ndarray]:
+        if failed(self.stats_dir):
+            return
+        source = self.sources[unit]
+        stats = SourceStats(source.label, source.path)
+        counts = {split: {"documents": 0, "tokens": 0} for split in ("train", "val")}
+        val: list[np.ndarray] = []
+        batch: list[Record] = []
+        chars = 0
+        try:
+            for record in source.read(stats):
+                stats.count(record)
+                if record.text is None:
+                    continue
+                batch.append(record)
+                chars += len(record.text)
+                if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCUMENTS:
+                    yield from self._encode(batch, counts, val)
+                    self._report(unit, stats, counts, done=False)
+                    batch, chars = [], 0
+                    if failed(self.stats_dir):
+                        return
+            yield from self._encode(batch, counts, val)
+            if val:
+                lengths = np.array([tokens.size for tokens in val], dtype=np.int64)
+                np.savez(self.val_dir / f"{unit:06d}.npz", tokens=np.concatenate(val), lengths=lengths)
+        except Exception as error:
+            self._fail(unit, source, batch, error)
+            return
+        self._report(unit, stats, counts, done=True)
+
+    def _encode(self, batch: list[Record], counts: dict, val: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """Tokenize a batch; yield each training document as one array (one litdata item per document)."""
+        if not batch:
+            return
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        texts = [record.text for record in batch]
+        for text, ids in zip(texts, encode_documents(self.tokenizer, texts), strict=True):
+            tokens = np.empty(len(ids) + 2, dtype=DTYPE)
+            tokens[0], tokens[1:-1], tokens[-1] = bos, ids, eos
+            split = "val" if is_validation(text, self.val_fraction, self.seed) else "train"
+            counts[split]["documents"] += 1
+            counts[split]["tokens"] += tokens.size
+            if split == "val":
+                val.append(tokens)
+            else:
+                yield tokens
+
+    def _report(self, unit: int, stats: SourceStats, counts: dict, *, done: bool) -> None:
+        report = {"unit": unit, "done": done, **counts, "source": stats.to_dict()}
+        _write_atomic(self.stats_dir / f"{unit:06d}.json", json.dumps(report))
+
+    def _fail(self, unit: int, source: Source, batch: list[Record], error: Exception) -> None:
+        lines = str(error).strip().splitlines()
+        message = lines[0] if lines else ""
+        if not isinstance(error, DataError):
+            where = f"{batch[0].where} .. {batch[-1].where}" if batch else source.path
+            message = f"tokenizing {where} failed: {type(error).__name__}: {message}".rstrip(": ")
+        report = {
+            "unit": unit,
+            "data_error": isinstance(error, DataError),
+            "message": message,
+            "traceback": traceback.format_exc(),
+        }
+        _write_atomic(self.stats_dir / f"{unit:06d}.error", json.dumps(report))
+        (self.stats_dir / "failed").touch()
+
+
+@dataclass
+class ValTokens:
+    """The function litdata runs to write the val split: index -> the saved documents of one unit, in order."""
+
+    files: list[Path]
+
+    def __call__(self, index: int) -> Iterator[np.ndarray]:
+        with np.load(self.files[index]) as saved:
+            tokens, lengths = saved["tokens"], saved["lengths"]
+        yield from np.split(tokens, np.cumsum(lengths)[:-1])
+
+
+def failed(stats_dir: Path) -> bool:
+    return (stats_dir / "failed").exists()
+
+
+def read_reports(stats_dir: Path, kind: str = "json") -> list[dict[str, Any]]:
+    """The reports written so far, in unit order (a report being replaced is read whole or not at all)."""
+    reports = []
+    for path in sorted(stats_dir.glob(f"*.{kind}")):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return reports
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
