@@ -456,3 +456,11 @@ def test_spawned_workers_write_the_same_dataset_as_forked_ones(tmp_path, tokeniz
     spawned = run([spec], tokenizer, tmp_path / "spawn", num_workers=2, val_fraction=0.1, start_method="spawn")
     assert spawned["fingerprint"] == forked["fingerprint"]
     assert streamed(tmp_path / "spawn" / "val") == streamed(tmp_path / "fork" / "val")
+
+
+def test_builtin_local_is_the_code_and_the_prose_corpus():
+    from moxin_lightning.data.sources import expand_input
+
+    local = expand_input("builtin:local?max_documents=3")
+    code, prose = expand_input("builtin:code?max_documents=3"), expand_input("builtin:prose?max_documents=3")
+    assert [part.path for part in local] == [part.path for part in code + prose]

@@ -454,3 +454,19 @@ def test_base_checkpoint_extends_to_the_moe_vocabulary(moe, base):
         mixed = model(torch.tensor([moe.encode("Hello 世界, 안녕하세요")]))
     torch.testing.assert_close(after[..., : base.vocab_size], before, atol=1e-6, rtol=0)
     assert mixed.shape[-1] == moe.vocab_size == 44_000
+
+
+def test_the_moxin_32k_tokenizer_loads_as_is(tmp_path):
+    tokenizer = SentencePieceTokenizer(BASE_MODEL)
+    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (32000, 1, 2, 0)
+    assert tokenizer.encode("Hello 世界") == [22557, 28705, 30050, 29822]
+    assert tokenizer.encode("Hello", bos=True, eos=True) == [1, 22557, 2]
+    assert tokenizer.decode([22557, 28705, 30050, 29822]) == "Hello 世界"
+    tokenizer.save(tmp_path)
+    again = SentencePieceTokenizer(tmp_path)
+    assert again.fingerprint == tokenizer.fingerprint and again.encode("Moxin 7B") == tokenizer.encode("Moxin 7B")
+    with pytest.raises(FileNotFoundError, match="tokenizer .*nothing.model not found"):
+        SentencePieceTokenizer(tmp_path / "nothing.model")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.model is not a SentencePiece model"):
+        SentencePieceTokenizer(tmp_path / "junk.model")

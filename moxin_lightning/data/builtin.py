@@ -1,5 +1,7 @@
 """A real local corpus every Python installation has, so `prepare` (and the CPU demo) needs no download.
 
+`--input builtin:local` is both corpora below, code then prose (caps apply to each).
+
 `--input builtin:code` is Python source code: every `.py` file under the interpreter's `sysconfig` paths
 'stdlib', then 'purelib', then 'platlib' (when it differs), one document per file, ordered by root and then by
 path relative to the root. Folders named `test`, `tests` or `idle_test` are left out: they are a third of the
@@ -100,6 +102,15 @@ def parse_spec(spec: str) -> tuple[str, int | None, int | None]:
     max_bytes = int(caps["max_mb"] * 1_000_000) if "max_mb" in caps else None
     max_documents = int(caps["max_documents"]) if "max_documents" in caps else None
     return name, max_bytes, max_documents
+
+
+def local_parts(spec: str) -> list[str]:
+    """`builtin:local[?caps]` is both corpora (code, then prose, each with the caps); other specs stay as they are."""
+    name, _, query = spec.removeprefix("builtin:").partition("?")
+    if name != "local":
+        return [spec]
+    suffix = f"?{query}" if query else ""
+    return [f"builtin:{corpus}{suffix}" for corpus in NAMES]
 
 
 def expand_builtin(spec: str) -> list[CodePart] | list[ProsePart]:

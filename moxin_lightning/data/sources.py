@@ -266,9 +266,9 @@ def _one_line(error: BaseException) -> str:
 def expand_input(spec: str, text_key: str = "text") -> list[Source]:
     """The sources one `--input` names, in a fixed order (glob matches sorted); DataError if it names nothing."""
     if spec.startswith("builtin:"):
-        from moxin_lightning.data.builtin import expand_builtin
+        from moxin_lightning.data.builtin import expand_builtin, local_parts
 
-        return list(expand_builtin(spec))
+        return [part for one in local_parts(spec) for part in expand_builtin(one)]
     import fsspec.core
 
     fs, path = fsspec.core.url_to_fs(spec)
