@@ -470,3 +470,30 @@ def test_the_moxin_32k_tokenizer_loads_as_is(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="junk.model is not a SentencePiece model"):
         SentencePieceTokenizer(tmp_path / "junk.model")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "moe"])
+def test_the_tokenizer_is_chosen_in_yaml_by_class_path(kind, cjk_expert, tmp_path):
+    from jsonargparse import ArgumentParser
+
+    from moxin_lightning.tokenizers import Tokenizer
+
+    if kind == "sentencepiece":
+        component = (
+            f"class_path: moxin_lightning.tokenizers.SentencePieceTokenizer\n  init_args:\n    path: {BASE_MODEL}"
+        )
+    else:
+        component = (
+            "class_path: moxin_lightning.tokenizers.MoETokenizer\n  init_args:\n"
+            f"    base: {BASE_MODEL}\n    experts:\n      cjk: {cjk_expert}"
+        )
+    config = tmp_path / "tokenizer.yaml"
+    config.write_text(f"tokenizer:\n  {component}\n")
+    parser = ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_argument("--tokenizer", type=Tokenizer)
+    tokenizer = parser.instantiate_classes(parser.parse_args(["--config", str(config)])).tokenizer
+    assert tokenizer.encode("Hello 世界")[:1] == [22557]
+    assert tokenizer.vocab_size == (
+        32000 if kind == "sentencepiece" else 32000 + SentencePieceTokenizer(cjk_expert).vocab_size
+    )
