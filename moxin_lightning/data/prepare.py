@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from moxin_lightning.data import manifest as manifests
+from moxin_lightning.data.builtin import local_parts
 from moxin_lightning.data.progress import Progress
 from moxin_lightning.data.publish import check_output, publish, remove_stale_temporaries, staging_folder
 from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens, write_shards
@@ -156,10 +157,10 @@ def _plan(inputs: Sequence[str], text_key: str) -> tuple[list[tuple[str, list[in
     if isinstance(inputs, str):
         inputs = [inputs]
     if not inputs:
-        raise DataError("no --input given; pass files, globs, URLs or builtin:code / builtin:prose")
+        raise DataError("no --input given; pass files, globs, URLs or builtin:local / builtin:code / builtin:prose")
     groups: list[tuple[str, list[int]]] = []
     sources: list[Source] = []
-    for spec in inputs:
+    for spec in [one for given in inputs for one in local_parts(given)]:  # builtin:local = code + prose sources
         expanded = expand_input(spec, text_key)
         if not expanded:
             raise DataError(f"--input {spec} holds no documents (a cap of 0, or an empty corpus)")

@@ -268,7 +268,7 @@ def expand_input(spec: str, text_key: str = "text") -> list[Source]:
     if spec.startswith("builtin:"):
         from moxin_lightning.data.builtin import expand_builtin, local_parts
 
-        return [part for one in local_parts(spec) for part in expand_builtin(one)]
+        return [part for one in local_parts(spec) for part in expand_builtin(one)]  # builtin:local: both corpora
     import fsspec.core
 
     fs, path = fsspec.core.url_to_fs(spec)
