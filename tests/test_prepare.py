@@ -353,7 +353,7 @@ def error_cases(tmp: Path) -> list[tuple[list[str], dict, type, str]]:
         ([ok], {"val_fraction": 1.5}, DataError, r"val_fraction must be in \[0, 1\)"),
         ([], {}, DataError, r"no --input given"),
         (["builtin:poetry"], {}, DataError,
-         r"unknown builtin:poetry: the built-in corpora are builtin:code, builtin:prose"),
+         r"unknown builtin:poetry: the built-in corpora are builtin:local, builtin:code, builtin:prose"),
         (["builtin:code?max_gb=1"], {}, DataError, r"unknown option 'max_gb' in builtin:code\?max_gb=1"),
         (["builtin:code?max_documents=0"], {}, DataError, r"holds no documents"),
     ]  # fmt: skip

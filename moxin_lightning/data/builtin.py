@@ -90,7 +90,8 @@ def parse_spec(spec: str) -> tuple[str, int | None, int | None]:
     """'builtin:prose?max_mb=2&max_documents=10' -> ('prose', 2_000_000, 10); DataError on anything else."""
     name, _, query = spec.removeprefix("builtin:").partition("?")
     if name not in NAMES:
-        raise DataError(f"unknown {spec}: the built-in corpora are " + ", ".join(f"builtin:{n}" for n in NAMES))
+        choices = ", ".join(f"builtin:{n}" for n in ("local", *NAMES))
+        raise DataError(f"unknown {spec}: the built-in corpora are {choices}")
     caps: dict[str, float] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in ("max_mb", "max_documents"):

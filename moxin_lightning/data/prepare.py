@@ -297,8 +297,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         required=True,
         metavar="PATH_OR_GLOB",
-        help="a .txt / .jsonl[.gz|.bz2|.xz|.zst] / .parquet file, glob, folder or fsspec URL, or builtin:code, "
-        "builtin:prose (caps: builtin:prose?max_mb=2&max_documents=100); repeat for more",
+        help="a .txt / .jsonl[.gz|.bz2|.xz|.zst] / .parquet file, glob, folder or fsspec URL, or builtin:local "
+        "(= builtin:code + builtin:prose; caps: builtin:local?max_mb=2&max_documents=100); repeat for more",
     )
     parser.add_argument(
         "--tokenizer", required=True, help="a SentencePiece tokenizer.model or its folder, or a MoE tokenizer folder"
