@@ -139,7 +139,7 @@ class PretrainData(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------
 
-    def _loaders(self, split: str, shuffle: bool) -> list[StreamingDataLoader]:
+    def _loaders(self, split: str, shuffle: bool, only: list[int] | None = None) -> list[StreamingDataLoader]:
         return [
             StreamingDataLoader(
                 StreamingDataset(str(Path(path) / split), shuffle=shuffle, seed=self.seed),
@@ -147,7 +147,8 @@ class PretrainData(L.LightningDataModule):
                 num_workers=self.num_workers,
                 collate_fn=_keep_list,
             )
-            for path in self.datasets
+            for index, path in enumerate(self.datasets)
+            if only is None or index in only
         ]
 
     def train_dataloader(self) -> PackedStream:
@@ -163,10 +164,18 @@ class PretrainData(L.LightningDataModule):
         return self._train_stream
 
     def val_dataloader(self) -> list[dict[str, torch.Tensor]]:
-        """The first `val_batches` batches of the held-out splits, the same every time."""
+        """The first `val_batches` batches of the held-out splits, the same every time.
+
+        Datasets prepared with `--val_fraction 0` have no held-out split and take no part; with none left,
+        there is no validation."""
+        if not self.manifests:
+            self.manifests = [read_manifest(path) for path in self.datasets]
+        with_val = [i for i, m in enumerate(self.manifests) if m.get("splits", {}).get("val", {}).get("tokens")]
+        if not with_val:
+            return []
         stream = PackedStream(
-            self._loaders("val", shuffle=False),
-            self.weights,
+            self._loaders("val", shuffle=False, only=with_val),
+            self.weights[with_val] / self.weights[with_val].sum(),
             seed=self.seed,
             batch_size=self.batch_size,
             seq_len=lambda: self.seq_len,

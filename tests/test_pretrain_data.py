@@ -186,3 +186,18 @@ def test_lightning_checkpoint_resumes_the_stream_exactly(data_dirs, tmp_path):
     resumed = fit(data_dirs, tmp_path / "b", max_steps=7, ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
     assert len(uninterrupted) == 7 and len(resumed) == 4
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted[3:], resumed, strict=True))
+
+
+def test_datasets_without_a_held_out_split_have_no_validation(data_dirs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "no-val"
+    shutil.copytree(data_dirs[0], copy)
+    shutil.rmtree(copy / "val")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"].pop("val")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert module([copy]).val_dataloader() == []
+    mixed = module([copy, data_dirs[1]], val_batches=2).val_dataloader()
+    body = torch.cat([b["input_ids"].flatten() for b in mixed])
+    assert len(mixed) == 2 and bool(((body < 3) | (body >= 100)).all())  # only dataset B's held-out documents
