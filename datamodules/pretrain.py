@@ -55,7 +55,8 @@ class PretrainData(L.LightningDataModule):
         seed: shuffling and mixture seed.
         docs_per_read: documents taken from one dataset per mixture draw.
         val_batches: batches in one validation pass over the held-out splits.
-        max_seq_len, vocab_size: limits to check against; taken from the model when the trainer has one.
+        max_seq_len, vocab_size: limits to check against; taken from the task's `model_config` (a
+            `ModelConfig`) when the datamodule is attached to a trainer.
     """
 
     def __init__(
@@ -90,7 +91,6 @@ class PretrainData(L.LightningDataModule):
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
         self.manifests: list[dict[str, Any]] = []
-        self._train_stream: PackedStream | None = None
 
     # -- checks -------------------------------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ class PretrainData(L.LightningDataModule):
         ]
 
     def train_dataloader(self) -> PackedStream:
-        self._train_stream = PackedStream(
+        return PackedStream(
             self._loaders("train", self.shuffle),
             self.weights,
             seed=self.seed,
@@ -161,7 +161,6 @@ class PretrainData(L.LightningDataModule):
             fingerprint=self.fingerprint,
             length=self._length_hint(),
         )
-        return self._train_stream
 
     def val_dataloader(self) -> list[dict[str, torch.Tensor]]:
         """The first `val_batches` batches of the held-out splits, the same every time.
