@@ -349,7 +349,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
 @pytest.mark.parametrize(
     ("setup", "kwargs", "message"),
     [
-        ({}, dict(inputs=["nothing/*.txt"]), r"no input files match '.*nothing/\*.txt'; check the path"),
+        ({}, dict(inputs=["nothing/*.txt"]), r"--input .*nothing/\*.txt matched no files; check the path"),
         ({"e.txt": "\n\n"}, dict(inputs=["e.txt"]), "the inputs hold no text to train on"),
         ({"a.txt": "only latin"}, dict(inputs=["a.txt"], expert="cjk"), r"hold no CJK text \(Han, kana, Hangul\)"),
         ({"a.txt": ENGLISH}, dict(inputs=["a.txt"], vocab_size=100), "vocab_size=100 is too small: .* at least 260"),
@@ -364,10 +364,18 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
             dict(inputs=["a.txt"], vocab_size=270, expert="cjk"),
             r"vocab_size=270 cannot hold the corpus's characters and special pieces \(\d+ needed\); raise --vocab_size",
         ),
-        ({"a.csv": "x"}, dict(inputs=["a.csv"]), r"a.csv is neither .txt \(one text per line\) nor .jsonl"),
-        ({"a.jsonl": '{"body": "x"}\n'}, dict(inputs=["a.jsonl"]), "line 1 has no string field 'text'; pass the right"),
-        ({"a.jsonl": "{oops\n"}, dict(inputs=["a.jsonl"]), "a.jsonl line 1 is not valid JSON"),
-        ({"a.jsonl": '{"text": "ok"}\n\n{oops\n'}, dict(inputs=["a.jsonl"]), "a.jsonl line 3 is not valid JSON"),
+        ({"a.csv": "x"}, dict(inputs=["a.csv"]), r"unsupported input .*a.csv: expected .txt, .jsonl"),
+        (
+            {"a.jsonl": '{"body": "x"}\n'},
+            dict(inputs=["a.jsonl"]),
+            r"a.jsonl:1: missing text key; fix or remove it \(and check --text_key\)",
+        ),
+        ({"a.jsonl": "{oops\n"}, dict(inputs=["a.jsonl"]), "a.jsonl:1: unreadable JSON line; fix or remove it"),
+        (
+            {"a.jsonl": '{"text": "ok"}\n\n{oops\n'},
+            dict(inputs=["a.jsonl"]),
+            "a.jsonl:3: unreadable JSON line; fix or remove it",
+        ),
         ({"a.txt": ENGLISH}, dict(inputs=["a.txt"], expert="thai"), "unknown expert 'thai'; choose one of: cjk"),
         ({"a.txt": ENGLISH}, dict(inputs=["a.txt"], model_prefix="x"), "model_prefix are set by train_tokenizer"),
         ({"a.txt": ENGLISH, "out": ""}, dict(inputs=["a.txt"]), "is a file; name a folder"),

@@ -1,66 +1,41 @@
-"""Tokenizer-training text, streamed line by line from .txt / .jsonl files or from an iterator of strings.
+"""Tokenizer-training text: the same inputs `prepare` reads, streamed line by line.
 
-Nothing is copied or loaded whole: SentencePiece pulls sentences one at a time through `sentence_iterator`,
-so a corpus of any size on disk costs no temporary copy. Documents are cut at newlines because SentencePiece
-silently drops sentences longer than `max_sentence_length` bytes; a line is the natural unit for both prose
-and code.
+Files, globs, object-store URLs and `builtin:` corpora are read by `moxin_lightning.data.sources`, so both
+commands accept the same `--input` (txt, jsonl optionally compressed, parquet) with the same rules. Nothing is
+copied or loaded whole: SentencePiece pulls sentences one at a time through `sentence_iterator`. Documents are
+cut at newlines because SentencePiece silently drops sentences longer than `max_sentence_length` bytes; a line is
+the natural unit for both prose and code.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-
-SUFFIXES = (".txt", ".jsonl")
+from typing import Any
 
 
-def expand_globs(patterns: Iterable[str]) -> list[Path]:
-    """The files matching each glob (`**` recurses), sorted, without repeats; any glob matching nothing is an error."""
-    files: dict[Path, None] = {}
-    for pattern in patterns:
-        matches = sorted(Path(match) for match in glob.glob(str(pattern), recursive=True) if Path(match).is_file())
-        if not matches:
-            raise ValueError(
-                f"no input files match {str(pattern)!r}; check the path (quote globs so the shell does not expand them)"
-            )
-        for path in matches:
-            if path.suffix not in SUFFIXES:
-                raise ValueError(
-                    f"input {path} is neither .txt (one text per line) nor .jsonl (one JSON object per line); "
-                    "convert it or narrow the glob"
-                )
-            files[path] = None
-    return list(files)
+def read_inputs(specs: Iterable[str], text_key: str = "text") -> tuple[Iterator[str], list[dict[str, Any]]]:
+    """The documents of every input in order, and one info entry per source (bytes and sha256 once read).
 
+    Globs matching nothing and unsupported files fail here, before training; a record that is not a usable
+    document (bad JSON, missing `text_key`, invalid UTF-8) fails when reached: training data is never dropped
+    silently. Empty documents are passed over."""
+    from moxin_lightning.data.sources import EMPTY, SourceStats, expand_input
 
-def iter_texts(files: Iterable[Path], text_key: str = "text") -> Iterator[str]:
-    """Each document of each file, in order: a .txt line, or a .jsonl record's `text_key` field."""
-    for path in files:
-        try:
-            yield from _read(path, text_key)
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} is not valid UTF-8 text; re-encode it as UTF-8") from None
+    sources = [source for spec in specs for source in expand_input(spec, text_key)]
+    info: list[dict[str, Any]] = [{"path": source.path} for source in sources]
 
+    def texts() -> Iterator[str]:
+        for source, entry in zip(sources, info, strict=True):
+            stats = SourceStats(label=source.label, path=source.path)
+            for record in source.read(stats):
+                if record.skip == EMPTY:
+                    continue
+                if record.skip is not None:
+                    raise ValueError(f"{record.where}: {record.skip}; fix or remove it (and check --text_key)")
+                yield record.text
+            entry.update(bytes=stats.bytes, sha256=stats.digest.hexdigest())
 
-def _read(path: Path, text_key: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as handle:
-        if path.suffix == ".txt":
-            for line in handle:
-                yield line.rstrip("\r\n")
-            return
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path} line {number} is not valid JSON; fix or remove that line") from None
-            text = record.get(text_key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path} line {number} has no string field {text_key!r}; pass the right --text_key")
-            yield text
+    return texts(), info
 
 
 def iter_lines(texts: Iterable[str]) -> Iterator[str]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from moxin_lightning.tokenizers.corpus import expand_globs, iter_lines, iter_texts
+from moxin_lightning.tokenizers.corpus import iter_lines, read_inputs
 from moxin_lightning.tokenizers.router import CJK, ROUTING_VERSION, cjk_runs
 
 EXPERTS = (CJK,)
@@ -96,8 +96,9 @@ def train_tokenizer(
 ) -> Path:
     """Train a BPE tokenizer and write `output/tokenizer.model` and `output/tokenizer_info.json`.
 
-    inputs: a glob or a list of globs of .txt (a text per line) / .jsonl (a JSON object per line, text in
-        `text_key`) files; any other iterable (a generator, a dataset column) is taken as the texts themselves.
+    inputs: a file, glob, URL or `builtin:` corpus, or a list of them, read as `prepare` reads them (.txt,
+        .jsonl with the text in `text_key`, optionally compressed, .parquet); any other iterable (a generator, a
+        dataset column) is taken as the texts themselves.
     expert: None for a base tokenizer; "cjk" for the MoE tokenizer's CJK expert (trained on CJK runs only).
     overwrite: replace an existing non-empty `output` folder (refused otherwise).
     progress: report sentences read on stderr.
@@ -167,10 +168,8 @@ def _open_inputs(inputs: Any, text_key: str) -> tuple[Iterator[str], list[dict[s
         inputs = [inputs]
     if isinstance(inputs, (list, tuple)):
         if not inputs:
-            raise ValueError("no inputs given; pass at least one glob of .txt/.jsonl files (--input)")
-        files = expand_globs(inputs)
-        info = [{"path": str(path.resolve()), "bytes": path.stat().st_size} for path in files]
-        return iter_texts(files, text_key), info
+            raise ValueError("no inputs given; pass at least one file, glob or builtin: corpus (--input)")
+        return read_inputs(inputs, text_key)
     if not isinstance(inputs, Iterable):
         raise ValueError(f"inputs must be globs or an iterable of strings, not {type(inputs).__name__}")
     return _only_strings(inputs), [{"iterator": type(inputs).__name__}]
@@ -286,7 +285,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--input", action="append", required=True, metavar="GLOB",
-        help="glob of .txt (a text per line) or .jsonl files; repeat for several (quote globs)",
+        help="a .txt/.jsonl[.gz]/.parquet file, glob (quoted) or builtin:local, as for prepare; repeat for several",
     )  # fmt: skip
     parser.add_argument("--vocab_size", type=int, required=True, help="pieces in the model (base: 32000)")
     parser.add_argument("--output", required=True, help="folder to write tokenizer.model and tokenizer_info.json into")
