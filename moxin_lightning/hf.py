@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moxin_lightning.atomic import written_as_a_whole
 from moxin_lightning.model.config import ModelConfig
 from moxin_lightning.model.transformer import Transformer
 
@@ -278,10 +278,7 @@ def export_hf(
     tokenizer = _as_tokenizer(tokenizer, model.config)
     state = to_hf_state_dict(model)
     dtype = next(iter(state.values())).dtype
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with written_as_a_whole(out) as staging:
         shards = _plan_shards(state, max_shard_bytes)
         weight_map = {}
         for number, names in enumerate(shards, start=1):
@@ -298,10 +295,6 @@ def export_hf(
         _write_json(staging / "generation_config.json", {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id})
         if tokenizer is not None:
             tokenizer.save(staging)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -336,12 +329,3 @@ def _as_tokenizer(tokenizer: Any, config: ModelConfig) -> Any:
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:
     file.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move a finished folder into place; an existing one is swapped out only after that succeeds."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

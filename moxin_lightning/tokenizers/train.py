@@ -23,11 +23,8 @@ import itertools
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any
 
 import sentencepiece as spm
 
+from moxin_lightning.atomic import written_as_a_whole
 from moxin_lightning.tokenizers.corpus import iter_lines, read_inputs
 from moxin_lightning.tokenizers.router import CJK, ROUTING_VERSION, cjk_runs
 
@@ -255,21 +253,9 @@ def _check_output(output: Path, overwrite: bool) -> None:
 
 def _write_atomically(output: Path, files: dict[str, bytes]) -> None:
     """Write the folder under a temporary name next to `output`, then rename it into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
+    with written_as_a_whole(output) as staging:
         for name, data in files.items():
             (staging / name).write_bytes(data)
-        if output.exists():
-            retired = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.old")
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:

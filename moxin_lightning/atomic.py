@@ -1,0 +1,67 @@
+"""Folders written as a whole or not at all: releases, tokenizers and prepared datasets.
+
+A folder is built in a hidden sibling `.NAME.tmp-<pid>-<id>` (same file system, so the last step is a rename),
+then swapped into place; a folder it replaces is first renamed to `.NAME.old-<pid>-<id>` and deleted only once
+the new one is there. Siblings of those two kinds whose process is gone (a run that was killed) are deleted
+the next time the same folder is written.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def staging_folder(output: Path) -> Path:
+    """A new, empty hidden sibling of `output` to build it in."""
+    folder = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def swap_into_place(staging: Path, output: Path) -> None:
+    """Rename the finished `staging` to `output`; an existing `output` is removed only after that succeeded."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    old = output.parent / f".{output.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    output.rename(old)
+    staging.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def written_as_a_whole(output: Path) -> Iterator[Path]:
+    """Yield a staging folder; on success it becomes `output`, on any error it is deleted and `output` untouched."""
+    remove_stale_temporaries(output)
+    staging = staging_folder(output)
+    try:
+        yield staging
+        swap_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(output: Path) -> None:
+    """Delete `.NAME.tmp-<pid>-*` / `.NAME.old-<pid>-*` siblings whose process no longer runs."""
+    for folder in output.parent.glob(f".{glob.escape(output.name)}.*-*-*"):
+        kind, _, rest = folder.name.removeprefix(f".{output.name}.").partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
