@@ -33,7 +33,7 @@ def _keep_list(items: list[Any]) -> list[Any]:
     return items
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def streamable_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a prepared dataset folder; one-line errors when it is missing, empty or not streamable."""
     data = manifest.read(path)
     if not data.get("splits", {}).get("train", {}).get("tokens"):
@@ -94,8 +94,14 @@ class PretrainData(L.LightningDataModule):
 
     # -- checks -------------------------------------------------------------------------------------------
 
+    def _read_manifests(self) -> list[dict[str, Any]]:
+        """Each dataset's manifest, read once (setup, the fingerprint and validation all need them)."""
+        if not self.manifests:
+            self.manifests = [streamable_manifest(path) for path in self.datasets]
+        return self.manifests
+
     def setup(self, stage: str | None = None) -> None:
-        self.manifests = [read_manifest(path) for path in self.datasets]
+        self._read_manifests()
         tokenizers = {m["tokenizer"]["fingerprint"] for m in self.manifests}
         if len(tokenizers) > 1:
             raise ValueError(f"datasets {self.datasets} were made with different tokenizers; prepare them with one")
@@ -125,9 +131,10 @@ class PretrainData(L.LightningDataModule):
     @property
     def fingerprint(self) -> str:
         """Identifies the token stream: every dataset's fingerprint, the weights and the seed."""
-        if not self.manifests:
-            self.manifests = [read_manifest(path) for path in self.datasets]
-        parts = [m["fingerprint"] for m in self.manifests] + [repr(self.weights.round(12).tolist()), str(self.seed)]
+        parts = [m["fingerprint"] for m in self._read_manifests()] + [
+            repr(self.weights.round(12).tolist()),
+            str(self.seed),
+        ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     # -- phase-aware length -------------------------------------------------------------------------------
@@ -167,9 +174,7 @@ class PretrainData(L.LightningDataModule):
 
         Datasets prepared with `--val_fraction 0` have no held-out split and take no part; with none left,
         there is no validation."""
-        if not self.manifests:
-            self.manifests = [read_manifest(path) for path in self.datasets]
-        with_val = [i for i, m in enumerate(self.manifests) if m.get("splits", {}).get("val", {}).get("tokens")]
+        with_val = [i for i, m in enumerate(self._read_manifests()) if m.get("splits", {}).get("val", {}).get("tokens")]
         if not with_val:
             return []
         stream = PackedStream(
