@@ -1,4 +1,12 @@
-"""Lightning callbacks of the recipe (context extension, checkpoint promotion, ...).
+"""Lightning callbacks of the recipe: context extension, checkpoint promotion, training speed, progress.
 
 A top-level package, shipped beside `moxin_lightning`; it may import `moxin_lightning`, never the reverse.
+Configs name them by class path, e.g. `class_path: callbacks.ContextExtension`.
 """
+
+from callbacks.context_extension import ContextExtension, Phase
+from callbacks.progress import StepProgressBar
+from callbacks.promotion import CheckpointPromotion
+from callbacks.throughput import TrainingSpeed
+
+__all__ = ["CheckpointPromotion", "ContextExtension", "Phase", "StepProgressBar", "TrainingSpeed"]

@@ -1,4 +1,8 @@
-"""LightningDataModules of the recipe (pretraining shards, chat, preference pairs, prompts).
+"""LightningDataModules of the recipe (pretraining shards; chat, preference pairs and prompts to come).
 
 A top-level package, shipped beside `moxin_lightning`; it may import `moxin_lightning`, never the reverse.
 """
+
+from datamodules.pretrain import PretrainData
+
+__all__ = ["PretrainData"]

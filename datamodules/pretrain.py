@@ -15,7 +15,7 @@ starts its next pass (reshuffled) without ending the epoch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,11 @@ from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.packing import TokenPacker
 from moxin_lightning.data import manifest
+from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
+from moxin_lightning.first_use import build_once, cached_folder
+from moxin_lightning.tokenizers import Tokenizer, load_tokenizer
+
+BUILTIN = "builtin:"  # a dataset entry naming a built-in corpus (see moxin_lightning.data.builtin)
 
 
 def _keep_list(items: list[Any]) -> list[Any]:
@@ -47,7 +52,11 @@ class PretrainData(L.LightningDataModule):
     """Batches {input_ids, labels, doc_ids} of shape (batch_size, seq_len) from one or more prepared datasets.
 
     Args:
-        datasets: prepared dataset folders (the `--output` of `prepare`).
+        datasets: prepared dataset folders (the `--output` of `prepare`), local or object-store URLs
+            (`s3://bucket/data/c1`, streamed by litdata). An entry `builtin:...` (e.g. `builtin:local?max_mb=3`)
+            is a built-in corpus, prepared with `tokenizer` on first use and cached (`$MOXIN_CACHE`).
+        tokenizer: the tokenizer of the data. None: the one `prepare` saved beside the data. When given, the
+            data must have been made with it (same fingerprint); a release (CheckpointPromotion) ships it.
         weights: mixture weights, one per dataset (normalised; default equal).
         seq_len: tokens per row; `set_seq_len` changes it mid-run with the token stream continuing.
         batch_size: rows per batch (per device).
@@ -62,6 +71,7 @@ class PretrainData(L.LightningDataModule):
     def __init__(
         self,
         datasets: list[str],
+        tokenizer: Tokenizer | None = None,
         weights: list[float] | None = None,
         seq_len: int = 2048,
         batch_size: int = 8,
@@ -78,11 +88,18 @@ class PretrainData(L.LightningDataModule):
             raise ValueError("PretrainData needs at least one prepared dataset folder in `datasets`")
         if weights is not None and (len(weights) != len(datasets) or min(weights) < 0 or sum(weights) <= 0):
             raise ValueError(f"weights {weights} must be {len(datasets)} non-negative numbers with a positive sum")
-        self.datasets = [str(d) for d in datasets]
+        self._tokenizer = tokenizer
+        self.builtin = {str(d): self._cache_folder(str(d)) for d in datasets if str(d).startswith(BUILTIN)}
+        self.datasets = [self.builtin.get(str(d), str(d)) for d in datasets]
+        for path in self.datasets:
+            if path not in self.builtin.values() and "://" not in path:
+                streamable_manifest(path)  # a missing local dataset stops here, naming the prepare command
         self.weights = np.asarray(weights if weights is not None else [1.0] * len(datasets), dtype=np.float64)
         self.weights = self.weights / self.weights.sum()
         self.seq_len = seq_len
         self.batch_size = batch_size
+        # validation keeps the configured shape: a fixed yardstick, also after context extension or a resume
+        self.val_shape = (batch_size, seq_len)
         self.num_workers = num_workers
         self.seed = seed
         self.shuffle = shuffle
@@ -91,6 +108,31 @@ class PretrainData(L.LightningDataModule):
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
         self.manifests: list[dict[str, Any]] = []
+
+    # -- data and tokenizer ------------------------------------------------------------------------------
+
+    def _cache_folder(self, spec: str) -> str:
+        if self._tokenizer is None:
+            raise ValueError(f"dataset {spec} is prepared on first use and needs a `tokenizer`; set data.tokenizer")
+        return str(cached_folder("data", f"{spec}-{self._tokenizer.fingerprint[:16]}"))
+
+    def prepare_data(self) -> None:
+        """Prepare the built-in corpora not prepared yet (Lightning calls this on one process per node)."""
+        for spec, folder in self.builtin.items():
+            build_once(
+                Path(folder),
+                lambda f: (f / manifest.MANIFEST).is_file(),
+                lambda f, spec=spec: prepare(spec, self._tokenizer, f, num_workers=1, progress=False),
+            )
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The configured tokenizer, or the one saved with the first dataset (None for remote data)."""
+        if self._tokenizer is None:
+            saved = Path(self.datasets[0]) / TOKENIZER_FOLDER
+            if "://" not in self.datasets[0] and saved.is_dir():
+                self._tokenizer = load_tokenizer(saved)
+        return self._tokenizer
 
     # -- checks -------------------------------------------------------------------------------------------
 
@@ -105,6 +147,11 @@ class PretrainData(L.LightningDataModule):
         tokenizers = {m["tokenizer"]["fingerprint"] for m in self.manifests}
         if len(tokenizers) > 1:
             raise ValueError(f"datasets {self.datasets} were made with different tokenizers; prepare them with one")
+        if self._tokenizer is not None and self._tokenizer.fingerprint not in tokenizers:
+            raise ValueError(
+                f"the datasets were prepared with tokenizer {tokenizers.pop()[:12]} but data.tokenizer is "
+                f"{self._tokenizer.fingerprint[:12]}; prepare the data with this tokenizer or drop data.tokenizer"
+            )
         model_config = self._model_config()
         if model_config is not None:
             self.max_seq_len = self.max_seq_len or model_config.max_seq_len
@@ -139,10 +186,14 @@ class PretrainData(L.LightningDataModule):
 
     # -- phase-aware length -------------------------------------------------------------------------------
 
-    def set_seq_len(self, seq_len: int) -> None:
-        """Rows from the next batch on have `seq_len` tokens; the stream continues where it was."""
+    def set_seq_len(self, seq_len: int, batch_size: int | None = None) -> None:
+        """Rows from the next batch on have `seq_len` tokens (and `batch_size` rows, when given); the stream
+        continues where it was, so a context-extension switch skips and repeats no token."""
         self._check_seq_len(seq_len)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.seq_len = seq_len
+        self.batch_size = batch_size or self.batch_size
 
     # -- loaders ------------------------------------------------------------------------------------------
 
@@ -163,31 +214,35 @@ class PretrainData(L.LightningDataModule):
             self._loaders("train", self.shuffle),
             self.weights,
             seed=self.seed,
-            batch_size=self.batch_size,
+            batch_size=lambda: self.batch_size,
             seq_len=lambda: self.seq_len,
             fingerprint=self.fingerprint,
             length=self._length_hint(),
         )
 
-    def val_dataloader(self) -> list[dict[str, torch.Tensor]]:
+    def val_dataloader(self) -> FixedBatches:
         """The first `val_batches` batches of the held-out splits, the same every time.
 
         Datasets prepared with `--val_fraction 0` have no held-out split and take no part; with none left,
         there is no validation."""
         with_val = [i for i, m in enumerate(self._read_manifests()) if m.get("splits", {}).get("val", {}).get("tokens")]
         if not with_val:
-            return []
+            return FixedBatches([])
         stream = PackedStream(
             self._loaders("val", shuffle=False, only=with_val),
             self.weights[with_val] / self.weights[with_val].sum(),
             seed=self.seed,
-            batch_size=self.batch_size,
-            seq_len=lambda: self.seq_len,
+            batch_size=lambda: self.val_shape[0],
+            seq_len=lambda: self.val_shape[1],
             fingerprint=self.fingerprint,
             length=self.val_batches,
             repeat=False,
         )
-        return list(stream)
+        return FixedBatches(list(stream))
+
+    def test_dataloader(self) -> FixedBatches:
+        """Testing reads the held-out split too: `prepare` makes train and val splits only."""
+        return self.val_dataloader()
 
     def _length_hint(self) -> int:
         """Batches in the one long epoch: enough for max_steps (Lightning then needs no look-ahead batch)."""
@@ -195,6 +250,23 @@ class PretrainData(L.LightningDataModule):
         if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
             return trainer.max_steps * trainer.accumulate_grad_batches
         return 10**12
+
+
+class FixedBatches:
+    """A fixed, re-iterable list of batches that Lightning sees as ONE loader (a plain list would be read as
+    one loader per element)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.batches[index]
 
 
 class PackedStream:
@@ -206,8 +278,8 @@ class PackedStream:
         weights: np.ndarray,
         *,
         seed: int,
-        batch_size: int,
-        seq_len: Any,
+        batch_size: Callable[[], int],
+        seq_len: Callable[[], int],
         fingerprint: str,
         length: int,
         repeat: bool = True,
@@ -226,11 +298,11 @@ class PackedStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         emitted = 0
         while emitted < self.length:
-            seq_len = self.seq_len()
-            while not self.packer.can_emit(self.batch_size, seq_len):
+            batch_size, seq_len = self.batch_size(), self.seq_len()
+            while not self.packer.can_emit(batch_size, seq_len):
                 if not self._read():
                     return
-            yield self.packer.emit(self.batch_size, seq_len)
+            yield self.packer.emit(batch_size, seq_len)
             emitted += 1
 
     def _read(self) -> bool:
@@ -263,14 +335,31 @@ class PackedStream:
             return next(self._iterators[index])
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """The position of this process's stream; with several processes, every rank's position (each reads its
+        own share of the data, and Lightning keeps the loader state of rank 0 only)."""
+        local = {
             "fingerprint": self.fingerprint,
             "reads": self.reads,
             "packer": self.packer.state_dict(),
             "loaders": [loader.state_dict() for loader in self.loaders],
         }
+        world = _world_size()
+        if world == 1:
+            return local
+        ranks: list[Any] = [None] * world
+        torch.distributed.all_gather_object(ranks, local)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        world = _world_size()
+        saved_world = len(state["ranks"]) if "ranks" in state else 1
+        if saved_world != world:
+            raise ValueError(
+                f"the checkpoint's data position was saved by {saved_world} process(es) but this run has {world}; "
+                f"resume with {saved_world} (each process's place in the data is saved), or start a new run"
+            )
+        if "ranks" in state:
+            state = state["ranks"][torch.distributed.get_rank()]
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
                 f"the checkpoint was trained on data {state['fingerprint']} but the configured datasets are "
@@ -281,3 +370,8 @@ class PackedStream:
         for loader, loader_state in zip(self.loaders, state["loaders"], strict=True):
             loader.load_state_dict(loader_state)
         self._iterators = [None] * len(self.loaders)
+
+
+def _world_size() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1

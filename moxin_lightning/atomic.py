@@ -49,11 +49,18 @@ def written_as_a_whole(output: Path) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(output: Path) -> None:
-    """Delete `.NAME.tmp-<pid>-*` / `.NAME.old-<pid>-*` siblings whose process no longer runs."""
-    for folder in output.parent.glob(f".{glob.escape(output.name)}.*-*-*"):
+    """Delete `.NAME.tmp-<pid>-*` / `.NAME.old-<pid>-*` siblings whose process no longer runs.
+
+    A process killed between the two renames of `swap_into_place` leaves only `.NAME.old-*`: that is the
+    previous complete `output`, so it is put back rather than deleted."""
+    for folder in sorted(output.parent.glob(f".{glob.escape(output.name)}.*-*-*")):
         kind, _, rest = folder.name.removeprefix(f".{output.name}.").partition("-")
         pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and not _process_exists(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        if kind == "old" and not output.exists():
+            folder.rename(output)
+        else:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -1,8 +1,11 @@
 """Command-line entry point: `python -m moxin_lightning <command>`.
 
-Commands so far: `info` (a preset's size, FLOPs and cache memory), `demo` (a self-check of the
-backbone, the rolling-buffer generator and the Hugging Face round trip on a tiny model), `train-tokenizer`
-and `prepare` (the data pipeline). Each command module registers its own arguments.
+Training runs through Lightning: `fit`, `validate` and `test` are a `LightningCLI` (`MoxinCLI`) reading YAML
+(`--config` files merge in order, `${...}` interpolations resolve after merging, any key can be set with a
+flag such as `--trainer.max_steps=100`, `--print_config` shows the result). The other commands are plain
+argparse: `info` (a preset's size, FLOPs and cache memory), `demo` (a self-check of the backbone, the
+rolling-buffer generator and the Hugging Face round trip on a tiny model), `train-tokenizer` and `prepare`
+(the data pipeline). Each command module registers its own arguments.
 """
 
 from __future__ import annotations
@@ -11,6 +14,12 @@ import argparse
 import sys
 
 from moxin_lightning.model.config import PRESETS, ModelConfig
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a task from YAML configs, e.g. fit --config conf/phase1.yaml --config conf/local.yaml",
+    "validate": "run the validation loop of a config on a checkpoint (--ckpt_path)",
+    "test": "run the test loop of a config on a checkpoint (--ckpt_path)",
+}
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -41,6 +50,8 @@ def _demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moxin_lightning", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, what in LIGHTNING_COMMANDS.items():  # listed for --help; main() hands them to LightningCLI
+        commands.add_parser(name, help=f"{what} (LightningCLI: `{name} --help` for its options)", add_help=False)
 
     info = commands.add_parser("info", help="size, FLOPs per token and KV-cache memory of a model preset")
     info.add_argument("--preset", default="moxin-7b", choices=sorted(PRESETS))
@@ -63,5 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] in LIGHTNING_COMMANDS:
+        from moxin_lightning.lightning_cli import run_lightning
+
+        run_lightning(None if argv is None else words)  # None: LightningCLI reads sys.argv itself
+        return
     args = build_parser().parse_args(argv)
     args.run(args)

@@ -28,7 +28,7 @@ from moxin_lightning.data import DataError, PrepareError, is_validation, read_ma
 from moxin_lightning.data.builtin import PART_BYTES, code_files, expand_builtin, iter_documents, module_docstrings
 from moxin_lightning.data.prepare import prepare, register
 from moxin_lightning.data.shards import read_tokens
-from moxin_lightning.tokenizers import SentencePieceTokenizer
+from moxin_lightning.tokenizers import SentencePieceTokenizer, load_tokenizer
 
 TRAINING_TEXT = [
     "the quick brown fox jumps over the lazy dog",
@@ -224,8 +224,10 @@ def test_manifest_counts_skips_with_reasons_and_describes_the_tokenizer(tmp_path
     assert streamed(tmp_path / "out" / "train") == expected(tokenizer, ["good one", "good two"])
     assert manifest["tokenizer"] == {
         "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size, "bos_id": 1, "eos_id": 2,
-        "path": str(tokenizer.path),
+        "path": str(tokenizer.path), "saved": "tokenizer",
     }  # fmt: skip
+    saved = load_tokenizer(tmp_path / "out" / manifest["tokenizer"]["saved"])  # the data carries its tokenizer
+    assert saved.fingerprint == tokenizer.fingerprint
     assert manifest["dtype"] == "int32"
     assert manifest["moxin_lightning_version"] == __import__("moxin_lightning").__version__
     assert manifest["documents"] == 2 and manifest["tokens"] == manifest["splits"]["train"]["tokens"]

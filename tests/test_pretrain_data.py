@@ -7,48 +7,13 @@ import pytest
 import torch
 
 from datamodules.pretrain import PretrainData
-
-
-def make_document(index: int) -> np.ndarray:
-    """Document `index` of a dataset: BOS, a body whose tokens encode the dataset, EOS."""
-    rng = np.random.default_rng(index)
-    base = 100 if index >= 10_000 else 3  # dataset A draws ids 3..99, dataset B 100..199
-    return np.concatenate([[1], rng.integers(base, base + 97, rng.integers(5, 80)), [2]]).astype(np.int32)
-
-
-def write_dataset(folder, first_index, count, val_count=20):
-    """A prepared-dataset folder (train/, val/, manifest.json) made straight with litdata."""
-    from litdata import optimize
-
-    splits = {
-        "train": range(first_index, first_index + count),
-        "val": range(first_index + count, first_index + count + val_count),
-    }
-    summary = {}
-    for split, indices in splits.items():
-        optimize(
-            fn=make_document, inputs=list(indices), output_dir=str(folder / split), chunk_bytes="8KB", num_workers=1
-        )
-        summary[split] = {"documents": len(indices), "tokens": int(sum(len(make_document(i)) for i in indices))}
-    manifest = {
-        "fingerprint": f"fp-{first_index}-{count}",
-        "tokenizer": {"fingerprint": "tok", "vocab_size": 200},
-        "splits": summary,
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
+from tests.prepared_data import stream_of, write_dataset
 
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     return write_dataset(root / "a", 0, 300), write_dataset(root / "b", 10_000, 300)
-
-
-def stream_of(folder, split="train"):
-    from litdata import StreamingDataset
-
-    return np.concatenate([np.asarray(doc) for doc in StreamingDataset(str(folder / split))])
 
 
 def take(iterator, n):
@@ -197,7 +162,7 @@ def test_datasets_without_a_held_out_split_have_no_validation(data_dirs, tmp_pat
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["splits"].pop("val")
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert module([copy]).val_dataloader() == []
+    assert len(module([copy]).val_dataloader()) == 0
     mixed = module([copy, data_dirs[1]], val_batches=2).val_dataloader()
     body = torch.cat([b["input_ids"].flatten() for b in mixed])
     assert len(mixed) == 2 and bool(((body < 3) | (body >= 100)).all())  # only dataset B's held-out documents

@@ -61,13 +61,23 @@ def write(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def read(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset; FileNotFoundError naming the fix when `folder` is not one."""
+    """The manifest of a prepared dataset, in a local folder or at an object-store URL (fsspec: s3://, gs://, ...);
+    FileNotFoundError naming the fix when `folder` is not one."""
+    missing = FileNotFoundError(
+        f"no prepared dataset at {folder} (no {MANIFEST}); make it with: "
+        f"python -m moxin_lightning prepare --input ... --tokenizer ... --output {folder}"
+    )
+    if "://" in str(folder):
+        import fsspec
+
+        try:
+            with fsspec.open(f"{str(folder).rstrip('/')}/{MANIFEST}", "r", encoding="utf-8") as file:
+                return json.load(file)
+        except FileNotFoundError:
+            raise missing from None
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no prepared dataset at {folder} (no {MANIFEST}); make it with: "
-            f"python -m moxin_lightning prepare --input ... --tokenizer ... --output {folder}"
-        )
+        raise missing
     return json.loads(path.read_text(encoding="utf-8"))
 
 

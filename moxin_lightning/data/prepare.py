@@ -42,7 +42,9 @@ from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens
 from moxin_lightning.data.sources import DataError, Source, expand_input
 from moxin_lightning.data.worker import SPLIT_RULE, TokenizeUnits, ValTokens, read_reports
 from moxin_lightning.tokenizers.base import Tokenizer
+from moxin_lightning.tokenizers.load import load_tokenizer
 
+TOKENIZER_FOLDER = "tokenizer"
 DOCUMENT_FORMAT = "BOS + tokenizer.encode(text) + EOS per document; documents back to back in input order"
 DEFAULT_CHUNK_BYTES = "64MB"
 READ_WITH = {
@@ -106,6 +108,8 @@ def prepare(
         reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress)
         body = _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout)
         shutil.rmtree(staging / ".work")
+        (staging / TOKENIZER_FOLDER).mkdir()
+        tokenizer.save(staging / TOKENIZER_FOLDER)  # the data carries its tokenizer: training and releases use it
         manifests.write(staging, manifests.build(body))
         publish(staging, output, overwrite)
     except BaseException:
@@ -204,6 +208,7 @@ def _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
             "path": str(getattr(tokenizer, "path", "")),
+            "saved": TOKENIZER_FOLDER,
         },
         "dtype": DTYPE.__name__,
         "document": DOCUMENT_FORMAT,
@@ -266,11 +271,7 @@ def _source_entry(spec: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _load_tokenizer(tokenizer: Tokenizer | str | Path) -> Tokenizer:
     """A path is a MoE tokenizer folder (it holds the MoE layout file) or a SentencePiece model or its folder."""
     if isinstance(tokenizer, (str, Path)):
-        from moxin_lightning.tokenizers.moe import LAYOUT_FILE, MoETokenizer
-        from moxin_lightning.tokenizers.sentencepiece import SentencePieceTokenizer
-
-        path = Path(tokenizer).expanduser()
-        tokenizer = MoETokenizer.load(path) if (path / LAYOUT_FILE).is_file() else SentencePieceTokenizer(path)
+        tokenizer = load_tokenizer(tokenizer)
     if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
         raise DataError("the tokenizer has no BOS or EOS token; prepare frames every document with both")
     if tokenizer.vocab_size > 2**31 - 1:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moxin_lightning.losses import linear_cross_entropy
 from moxin_lightning.model.attention import AttentionLayout, get_kernel
 from moxin_lightning.model.cache import RollingKVCache
 from moxin_lightning.model.config import ModelConfig
@@ -110,8 +111,15 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: RollingKVCache | None = None,
-    ) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, doc_ids=doc_ids, positions=positions, cache=cache))
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab); with `targets` (B, T) instead the summed next-token cross-entropy and the
+        number of counted targets, through the fused head (`losses.linear_cross_entropy`), so the logits are
+        never stored. The loss goes through `forward` so that sharding wrappers (FSDP2) gather the head."""
+        hidden = self.hidden_states(input_ids, doc_ids=doc_ids, positions=positions, cache=cache)
+        if targets is not None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        return self.lm_head(hidden)
 
     def hidden_states(
         self,
@@ -165,29 +173,28 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, layout, cache)
         return self.norm(x)
 
+    def initial_std(self, name: str) -> float | None:
+        """Standard deviation of the normal initialisation of parameter `name`; None for norm weights (ones).
+
+        N(0, init_std) for every matrix; the two residual-branch outputs of each block (attention `o_proj`,
+        MLP `down_proj`) are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so the residual stream's variance
+        does not grow with depth. A rule by name lets a sharded model initialise each parameter exactly as
+        the single-device one does (`tasks.parallelize.initialise`)."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            return self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        return self.config.init_std
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """N(0, init_std) for every matrix; the two residual-branch outputs of each block are scaled
-        by 1/sqrt(2 * n_layers) (GPT-2's rule) so the residual stream's variance does not grow with depth."""
-        std = self.config.init_std
-        nn.init.normal_(self.embed.weight, std=std)
-        if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for block in self.blocks:
-            for linear in (
-                block.attn.q_proj,
-                block.attn.k_proj,
-                block.attn.v_proj,
-                block.mlp.gate_proj,
-                block.mlp.up_proj,
-            ):
-                nn.init.normal_(linear.weight, std=std)
-            for linear in (block.attn.o_proj, block.mlp.down_proj):
-                nn.init.normal_(linear.weight, std=residual_std)
-            block.attn_norm.reset_parameters()
-            block.mlp_norm.reset_parameters()
-        self.norm.reset_parameters()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter by `initial_std`."""
+        for name, param in self.named_parameters():
+            std = self.initial_std(name)
+            if std is None:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,6 @@
+"""The LightningModules: one backbone, one base (`base.TrainingTask`), one file per objective."""
+
+from moxin_lightning.tasks.base import TrainingTask
+from moxin_lightning.tasks.pretrain import Pretrain
+
+__all__ = ["Pretrain", "TrainingTask"]

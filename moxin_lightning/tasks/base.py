@@ -1,0 +1,258 @@
+"""`TrainingTask`: everything the four objectives (pretraining, SFT, DPO, GRPO) share.
+
+A task subclass only maps a batch to `(loss_sum, count)` in `loss_terms`. This base owns the rest:
+- building the `Transformer` on the meta device, then activation checkpointing, `torch.compile` and FSDP2
+  sharding (`ModelParallelStrategy`) in that order, then the weights: seeded, or `init_from` a release, a
+  Hugging Face folder or a Lightning checkpoint;
+- AdamW with Moxin's settings and the learning-rate schedule (`moxin_lightning.schedules`);
+- loss normalisation by the global count of the optimizer step (all micro-batches, all ranks), which
+  makes training invariant to gradient accumulation and to the number of processes;
+- gradient clipping with the gradient norm logged, and validation/test loss through torchmetrics.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from moxin_lightning.model.config import ModelConfig
+from moxin_lightning.model.transformer import Transformer
+from moxin_lightning.schedules import ScheduleKind, check_schedule, lr_factor
+from moxin_lightning.tasks import parallelize
+from moxin_lightning.tasks.init_from import read_initial_state
+
+_PARAM_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
+
+
+class TrainingTask(L.LightningModule):
+    """Base LightningModule on the Moxin backbone.
+
+    Args:
+        preset: model preset (`moxin-7b`, `moxin-tiny-9m`, ...; see `python -m moxin_lightning info`).
+        model_overrides: ModelConfig fields to change, e.g. `{attention: flash, max_seq_len: 4096}`.
+        init_from: starting weights: a release folder (CheckpointPromotion), a Hugging Face folder or a
+            Lightning checkpoint (`.ckpt` file or sharded folder). None: random, seeded by `seed`.
+        seed: seed of the random initial weights (identical for any number of processes).
+        lr: peak learning rate.
+        betas, eps, weight_decay: AdamW settings (Moxin: 0.9/0.95, 1e-8, 0.1). Weight decay applies to the
+            matrices of attention, MLP and output head; not to norm weights or the token embedding.
+        schedule: `cosine` | `linear` | `wsd` | `constant` (see `moxin_lightning.schedules`).
+        warmup_steps: linear warmup steps; `warmup_ratio` (a fraction of the run) overrides it when set.
+        min_lr_ratio: final learning rate as a fraction of the peak (Moxin: 0.1).
+        decay_ratio: fraction of the run spent decaying, for `wsd`.
+        activation_checkpointing: recompute each block's activations in backward (less memory, ~1/3 more compute).
+        compile: `torch.compile` each block.
+    """
+
+    reports_perplexity = False
+
+    def __init__(
+        self,
+        preset: str = "moxin-7b",
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        seed: int = 1234,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        schedule: ScheduleKind = "cosine",
+        warmup_steps: int = 2000,
+        warmup_ratio: float | None = None,
+        min_lr_ratio: float = 0.1,
+        decay_ratio: float = 0.2,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if type(self).loss_terms is TrainingTask.loss_terms:
+            raise TypeError(
+                f"{type(self).__name__} defines no loss_terms; use a task such as moxin_lightning.tasks.Pretrain"
+            )
+        self.save_hyperparameters()
+        self._config = ModelConfig.from_name(preset, **(model_overrides or {}))
+        self.model: Transformer | None = None
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self._step_loss = torch.zeros(())
+        self._step_count = torch.zeros((), dtype=torch.long)
+
+    # -- the model --------------------------------------------------------------------------------------
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The configuration of the model being trained (with any RoPE theta change applied)."""
+        return self._config
+
+    def set_rope_theta(self, theta: float) -> None:
+        """Change RoPE's base (context extension); the model computes its rotary tables from it each forward."""
+        self._config = self._config.replace(rope_theta=float(theta))
+        if self.model is not None:
+            self.model.config = self._config
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        with torch.device("meta"):
+            model = Transformer(self._config)
+        if self.hparams.activation_checkpointing:
+            parallelize.checkpoint_activations(model)
+        if self.hparams.compile:
+            parallelize.compile_blocks(model)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if _is_sharded(strategy):
+            if self.device_mesh["tensor_parallel"].size() != 1:
+                raise ValueError(
+                    f"ModelParallelStrategy gives {self.device_mesh['tensor_parallel'].size()} devices to tensor "
+                    "parallelism (its default 'auto'), which the tasks do not support yet; set the strategy's "
+                    "tensor_parallel_size: 1 (FSDP2 over all devices)"
+                )
+            param_dtype = _PARAM_DTYPES.get(str(self._trainer.precision))
+            parallelize.shard(model, self.device_mesh["data_parallel"], param_dtype)
+        model.to_empty(device=strategy.root_device if strategy is not None else torch.device("cpu"))
+        self._load_initial_weights(model)
+        self.model = model
+
+    def _load_initial_weights(self, model: Transformer) -> None:
+        if self.hparams.init_from is None:
+            parallelize.initialise(model, self.hparams.seed)
+            return
+        distributed = self._trainer is not None and self._trainer.world_size > 1
+        first = not distributed or self._trainer.global_rank == 0
+        state = read_initial_state(self.hparams.init_from, self._config) if first else {}
+        parallelize.load_full_state(model, state, distributed=distributed)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded weights on the CPU in our names. A collective under FSDP2: call it on every rank."""
+        return parallelize.full_state(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model_config"] = self.model_config.to_dict()
+
+    # -- optimisation ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.ndim >= 2 and not name.startswith("embed.") else no_decay).append(param)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+        )
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("the run has no length: set trainer.max_steps (pretraining streams one endless epoch)")
+        total = int(total)
+        warmup = round(hp.warmup_ratio * total) if hp.warmup_ratio is not None else hp.warmup_steps
+        check_schedule(
+            hp.schedule,
+            warmup_steps=warmup,
+            total_steps=total,
+            min_lr_ratio=hp.min_lr_ratio,
+            decay_ratio=hp.decay_ratio,
+        )
+        factor = partial(
+            lr_factor,
+            total_steps=total,
+            warmup_steps=warmup,
+            kind=hp.schedule,
+            min_lr_ratio=hp.min_lr_ratio,
+            decay_ratio=hp.decay_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-unit losses, number of units) of one micro-batch; units are tokens for pretraining.
+
+        Every task defines it (checked in `__init__`)."""
+        raise TypeError(f"{type(self).__name__} defines no loss_terms")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, count = self.loss_terms(batch)
+        self._step_loss = self._step_loss.to(loss_sum.device) + loss_sum.detach().float()
+        self._step_count = self._step_count.to(count.device) + count
+        # a sum: on_before_optimizer_step divides the gradients by the step's global count
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the summed gradients into the mean over the optimizer step's global count.
+
+        Lightning divided each micro-batch loss by `accumulate_grad_batches`, and DDP/FSDP2 average over ranks;
+        multiplying by both and dividing by the global count leaves sum(grad loss_sum) / global count."""
+        totals = torch.stack([self._step_loss, self._step_count.to(self._step_loss.dtype)])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_sum, count = totals[0], totals[1]
+        if count <= 0:
+            raise ValueError("an optimizer step had no target token at all; check the data's labels")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / count
+        for param in self.model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype) if param.grad.dtype != scale.dtype else scale)
+        self.log("train/loss", loss_sum / count, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self._step_loss = torch.zeros((), device=self._step_loss.device)
+        self._step_count = torch.zeros((), dtype=torch.long, device=self._step_count.device)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm (`trainer.gradient_clip_val`, Moxin: 1.0) and log the norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value" and gradient_clip_val:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            max_norm = math.inf
+        else:
+            max_norm = gradient_clip_val or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
+        loss_sum, count = self.loss_terms(batch)
+        if count > 0:
+            metric.update(loss_sum / count, weight=count)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test", self.test_loss)
+
+    def _log_evaluation(self, stage: str, metric: MeanMetric) -> None:
+        """Token-weighted mean loss over the whole pass and all ranks (torchmetrics syncs it), and its exp."""
+        if metric.update_count == 0:
+            return
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
+        if self.reports_perplexity:
+            self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=False)
+
+
+def _is_sharded(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)

@@ -1,0 +1,106 @@
+"""Read the starting weights of a run (`init_from`): a Lightning checkpoint, a Hugging Face folder or a release.
+
+A release folder (written by `callbacks.CheckpointPromotion`) is a Hugging Face folder with more files
+beside the weights, so both go through `moxin_lightning.hf`. A Lightning checkpoint is a `.ckpt` file, or
+the folder a sharded (FSDP2) run saves, read with `torch.distributed.checkpoint` into the full state.
+Everything is loaded tensors-only (`weights_only=True`, safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from moxin_lightning.hf import CheckpointError, config_from_hf, import_hf
+from moxin_lightning.model.config import ModelConfig
+
+# fields that decide the shape of the weights; the others (window, theta, kernel, max length) may change
+_SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
+
+
+def read_initial_state(path: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full state dict (our parameter names, CPU) of `path`, checked to fit a model built from `config`."""
+    source = Path(path)
+    if not source.exists():
+        raise CheckpointError(
+            f"init_from {source} does not exist; point it at a release folder, a Hugging Face folder or a .ckpt file"
+        )
+    if (source / "config.json").is_file():
+        _check_shapes(config_from_hf(json.loads((source / "config.json").read_text())), config, source)
+        return import_hf(source).state_dict()
+    if source.is_dir() and (source / ".metadata").is_file():
+        state = _read_sharded_lightning(source)
+    elif source.is_file():
+        state = _read_lightning_file(source)
+    else:
+        raise CheckpointError(
+            f"init_from {source} is neither a Hugging Face/release folder (config.json), a sharded checkpoint "
+            "folder (.metadata) nor a checkpoint file"
+        )
+    _check_state(state, config, source)
+    return state
+
+
+def _read_lightning_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - one line naming the file
+        raise CheckpointError(f"cannot read {file} as a tensor-only checkpoint: {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict); for HF weights give the folder")
+    return _strip_model_prefix(checkpoint["state_dict"], file)
+
+
+def _read_sharded_lightning(folder: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    keys = {
+        name
+        for name in FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        if name.startswith("state_dict.")
+    }
+    state = _load_state_dict_from_keys(keys, checkpoint_id=str(folder))
+    flat = state.get("state_dict", state)
+    flat = {name.removeprefix("state_dict."): value for name, value in flat.items()}
+    return _strip_model_prefix(flat, folder)
+
+
+def _strip_model_prefix(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
+    if not weights:
+        raise CheckpointError(f"{where} holds no `model.*` weights; it was not written by a moxin_lightning task")
+    return weights
+
+
+def _check_shapes(found: ModelConfig, config: ModelConfig, where: Path) -> None:
+    differences = [
+        f"{field} {getattr(found, field)} (configured {getattr(config, field)})"
+        for field in _SHAPE_FIELDS
+        if getattr(found, field) != getattr(config, field)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"init_from {where} is a different model: {', '.join(differences)}; set the task's preset/model "
+            "overrides to match it"
+        )
+
+
+def _check_state(state: dict[str, torch.Tensor], config: ModelConfig, where: Path) -> None:
+    from moxin_lightning.model.transformer import Transformer
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{where} lacks {name!r}; it was saved from a different model")
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{where}: {name!r} has shape {tuple(state[name].shape)} but the configured model needs {shape}; "
+                "set the task's preset/model overrides to match the checkpoint"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where} has unexpected tensor {extra[0]!r}; it was saved from a different model")

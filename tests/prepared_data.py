@@ -1,0 +1,52 @@
+"""Prepared-dataset folders for tests, written in-process.
+
+The documents are synthetic (their ids say which dataset and document they come from), and the folder has
+the layout `prepare` writes (train/, val/, manifest.json). litdata's `optimize` would start worker processes
+and take seconds per split; its `BinaryWriter` writes the same chunks in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def make_document(index: int) -> np.ndarray:
+    """Document `index` of a dataset: BOS, a body whose tokens encode the dataset, EOS."""
+    rng = np.random.default_rng(index)
+    base = 100 if index >= 10_000 else 3  # dataset A draws ids 3..99, dataset B 100..199
+    return np.concatenate([[1], rng.integers(base, base + 97, rng.integers(5, 80)), [2]]).astype(np.int32)
+
+
+def write_dataset(folder: Path, first_index: int, count: int, val_count: int = 20) -> Path:
+    """A prepared-dataset folder of documents first_index.. (train) and the next `val_count` (val)."""
+    from litdata.streaming.writer import BinaryWriter
+
+    splits = {
+        "train": range(first_index, first_index + count),
+        "val": range(first_index + count, first_index + count + val_count),
+    }
+    summary = {}
+    for split, indices in splits.items():
+        writer = BinaryWriter(str(folder / split), chunk_bytes="8KB")
+        for position, index in enumerate(indices):
+            writer[position] = make_document(index)
+        writer.done()
+        writer.merge()
+        summary[split] = {"documents": len(indices), "tokens": int(sum(len(make_document(i)) for i in indices))}
+    manifest = {
+        "fingerprint": f"fp-{first_index}-{count}",
+        "tokenizer": {"fingerprint": "tok", "vocab_size": 200},
+        "splits": summary,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def stream_of(folder: Path, split: str = "train") -> np.ndarray:
+    """The split's documents back to back, in order: the token stream a non-shuffled reader sees."""
+    from litdata import StreamingDataset
+
+    return np.concatenate([np.asarray(doc) for doc in StreamingDataset(str(folder / split))])
