@@ -52,16 +52,21 @@ def remove_stale_temporaries(output: Path) -> None:
     """Delete `.NAME.tmp-<pid>-*` / `.NAME.old-<pid>-*` siblings whose process no longer runs.
 
     A process killed between the two renames of `swap_into_place` leaves only `.NAME.old-*`: that is the
-    previous complete `output`, so it is put back rather than deleted."""
+    previous complete `output`, so it is put back rather than deleted. Temporaries of this very process count
+    as stale too (a restarted container often gets the same pid): it calls this before writing `output`."""
     for folder in sorted(output.parent.glob(f".{glob.escape(output.name)}.*-*-*")):
         kind, _, rest = folder.name.removeprefix(f".{output.name}.").partition("-")
         pid = rest.split("-")[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or _process_exists(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _process_exists(int(pid)):
             continue
         if kind == "old" and not output.exists():
             folder.rename(output)
-        else:
+        elif folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
 
 
 def _process_exists(pid: int) -> bool:

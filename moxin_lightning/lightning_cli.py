@@ -12,7 +12,10 @@ import sys
 
 import lightning as L
 from jsonargparse import set_parsing_settings
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
+
+from moxin_lightning.checkpoint_io import AtomicCheckpointIO
 
 from moxin_lightning.tasks.base import TrainingTask
 
@@ -49,6 +52,9 @@ class MoxinCLI(LightningCLI):
 
     def _attach_config(self) -> None:
         self.trainer.resolved_config = self.resolved_config
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # single-file checkpoints: made atomic (FSDP2 is)
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def before_fit(self) -> None:
         self._attach_config()

@@ -45,6 +45,12 @@ class FSDP2(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.is_global_zero:  # a save killed between its two renames left the previous checkpoint as .NAME.old-*
+            remove_stale_temporaries(Path(checkpoint_path))
+        self.barrier("stale checkpoint temporaries restored")
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)

@@ -37,23 +37,25 @@ class RecordRun(L.Callback):
 
 
 class KillAtStep(L.Callback):
-    """SIGKILL this process right after optimizer step `step` (no handler, no cleanup: a node lost)."""
+    """SIGKILL the process of rank `rank` (None: every rank) right after optimizer step `step`: no handler, no
+    cleanup, as when a node is lost."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
 class KillWhileWritingCheckpoint(L.Callback):
     """SIGKILL this process halfway through writing the bytes of checkpoint file `name` at step `step`.
 
-    Lightning writes single-file checkpoints through an fsspec local file (`TorchCheckpointIO` -> `_atomic_save`);
-    this replaces that file's `write` so it writes the first half of the checkpoint, flushes it to disk and
-    kills the process. ModelCheckpoint's hook runs after every other callback's, so arming here in
-    `on_train_batch_end` catches the checkpoint of this same step."""
+    Single-file checkpoints are written with `torch.save` (into a temporary sibling by `AtomicCheckpointIO`, or
+    through fsspec by Lightning's own IO); this replaces `torch.save` so that, for a target whose name contains
+    `name`, it writes the first half of the serialized checkpoint, flushes it to disk and kills the process.
+    ModelCheckpoint's hook runs after every other callback's, so arming here in `on_train_batch_end` catches the
+    checkpoint of this same step."""
 
     def __init__(self, step: int, name: str = "last.ckpt") -> None:
         self.step, self.name = step, name
@@ -61,17 +63,28 @@ class KillWhileWritingCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step != self.step:
             return
-        from fsspec.implementations.local import LocalFileOpener
+        import io
 
-        write, name = LocalFileOpener.write, self.name
+        import torch
 
-        def write_half_then_die(opener: LocalFileOpener, data: bytes) -> int:
-            if not str(opener.path).endswith(name):
-                return write(opener, data)
-            write(opener, data[: len(data) // 2])
-            opener.f.flush()
-            os.fsync(opener.f.fileno())
+        save, name = torch.save, self.name
+
+        def write_half_then_die(obj: Any, target: Any, *a: Any, **kw: Any) -> None:
+            where = str(getattr(target, "name", target))
+            if name not in where:
+                return save(obj, target, *a, **kw)
+            buffer = io.BytesIO()
+            save(obj, buffer, *a, **kw)
+            data = buffer.getvalue()
+            if hasattr(target, "write"):
+                target.write(data[: len(data) // 2])
+                target.flush()
+                os.fsync(target.fileno())
+            else:
+                with open(target, "wb") as file:
+                    file.write(data[: len(data) // 2])
+                    file.flush()
+                    os.fsync(file.fileno())
             os.kill(os.getpid(), signal.SIGKILL)
-            return 0
 
-        LocalFileOpener.write = write_half_then_die
+        torch.save = write_half_then_die

@@ -265,7 +265,10 @@ def test_an_existing_dataset_is_refused_unless_overwrite(tmp_path, tokenizer):
 
 def test_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in DOCUMENTS])
-    dead, live = tmp_path / ".out.tmp-4194303-deadbeef", tmp_path / f".out.tmp-{os.getpid()}-running"
+    dead, live = (
+        tmp_path / ".out.tmp-4194303-deadbeef",
+        tmp_path / f".out.tmp-{os.getppid()}-running",
+    )  # another live process
     dead.mkdir()
     live.mkdir()
     run([str(path)], tokenizer, tmp_path / "out")
