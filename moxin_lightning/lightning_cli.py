@@ -16,7 +16,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
 from moxin_lightning.checkpoint_io import AtomicCheckpointIO
-
 from moxin_lightning.tasks.base import TrainingTask
 
 # errors that our checks raise with a one-line message saying what to do; anything else keeps its traceback

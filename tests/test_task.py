@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from moxin_lightning.hf import CheckpointError, export_hf
+from moxin_lightning.model.transformer import same_weights
 from moxin_lightning.schedules import check_schedule, lr_factor
 from moxin_lightning.tasks import Pretrain, TrainingTask
 from moxin_lightning.tasks.base import TrainingTask as Base
@@ -156,7 +157,7 @@ def test_weight_decay_applies_to_matrices_only():
 
 def test_initial_weights_depend_only_on_the_seed_and_follow_the_init_rule():
     a, b, c = task(seed=7), task(seed=7), task(seed=8)
-    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert same_weights(a.model, b.model)
     assert not torch.equal(a.model.embed.weight, c.model.embed.weight)
     big = Pretrain(preset="moxin-tiny-9m", model_overrides={**TINY, "dim": 256, "ffn_dim": 512}, seed=0)
     big.configure_model()
@@ -246,9 +247,7 @@ def test_init_from_a_hugging_face_or_release_folder_loads_its_weights(tmp_path):
     source = task(seed=11)
     export_hf(source.model, tmp_path / "hf")
     loaded = task(init_from=str(tmp_path / "hf"), seed=0)
-    assert all(
-        torch.equal(a, b) for a, b in zip(source.model.state_dict().values(), loaded.model.state_dict().values())
-    )
+    assert same_weights(source.model, loaded.model)
 
 
 def test_init_from_a_lightning_checkpoint_file_loads_its_weights(tmp_path):
@@ -257,9 +256,7 @@ def test_init_from_a_lightning_checkpoint_file_loads_its_weights(tmp_path):
     run.fit(source, Loader(batches(3)))
     run.save_checkpoint(tmp_path / "run.ckpt")
     loaded = task(init_from=str(tmp_path / "run.ckpt"))
-    assert all(
-        torch.equal(a, b) for a, b in zip(source.model.state_dict().values(), loaded.model.state_dict().values())
-    )
+    assert same_weights(source.model, loaded.model)
     saved = torch.load(tmp_path / "run.ckpt", weights_only=True)
     assert saved["model_config"]["dim"] == 64  # checkpoints describe their model
 
