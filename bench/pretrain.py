@@ -18,7 +18,7 @@ logged over the same steps (a mean) is recorded beside it. Each case appends one
 
 Run (about a minute on 2 CPU cores):
 
-    python bench/pretrain.py
+    python bench/pretrain.py                  # what conf/local.yaml trains
     python bench/pretrain.py --batch 8 --precision bf16-true
     python bench/pretrain.py --gpu            # on a CUDA machine: also the moxin-7b layer stack
 """
@@ -47,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--preset", default="moxin-tiny-9m", choices=sorted(PRESETS), help="local case model")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--config", default="conf/local.yaml", help="model, batch and seq of the local case")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="instead of the config's")
+    parser.add_argument("--batch", type=int, default=None, help="instead of the config's")
+    parser.add_argument("--seq", type=int, default=None, help="instead of the config's")
     parser.add_argument("--precision", default="32-true", help="Lightning precision of the local case")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
@@ -104,11 +105,24 @@ class StepClock(L.Callback):
             self._mark(trainer)
 
 
+def apply_config(args: argparse.Namespace) -> None:
+    """The local case trains what `--config` (conf/local.yaml) trains: its preset, model overrides, rows and length."""
+    import yaml
+
+    config = yaml.safe_load(open(args.config))
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    args.preset = args.preset or model["preset"]
+    args.model_overrides = {} if args.preset != model["preset"] else dict(model.get("model_overrides") or {})
+    args.model_overrides.pop("attention", None)  # the case runs SDPA, the CPU kernel
+    args.batch = args.batch or data["batch_size"]
+    args.seq = args.seq or data["seq_len"]
+
+
 def run_local(args: argparse.Namespace, peak: float) -> dict:
     """`Trainer.fit` of the Pretrain task; step times from StepClock, plus what TrainingSpeed logged."""
     from moxin_lightning.tasks import Pretrain
 
-    overrides = {"max_seq_len": max(args.seq, PRESETS[args.preset]["max_seq_len"])}
+    overrides = {**args.model_overrides, "max_seq_len": max(args.seq, PRESETS[args.preset]["max_seq_len"])}
     task = Pretrain(preset=args.preset, model_overrides=overrides, seed=args.seed, warmup_steps=0, compile=args.compile)
     generator = torch.Generator().manual_seed(args.seed)
     total = args.warmup + args.steps
@@ -237,6 +251,7 @@ def print_row(row: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
+    apply_config(args)
     torch.set_num_threads(args.threads)
     print(
         f"pretrain speed: local {args.preset}, batch {args.batch} x seq {args.seq}, precision {args.precision}, "

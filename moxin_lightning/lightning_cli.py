@@ -47,7 +47,7 @@ class MoxinCLI(LightningCLI):
         """Keep the merged, resolved config as text: releases (CheckpointPromotion) ship it."""
         subcommand = self.subcommand
         config = self.config[subcommand] if subcommand else self.config
-        self.resolved_config = self._parser(subcommand).dump(config, skip_none=False)
+        self.resolved_config = self._parser(subcommand).dump(config, skip_none=False)  # as --print_config
 
     def _attach_config(self) -> None:
         self.trainer.resolved_config = self.resolved_config

@@ -117,7 +117,14 @@ class WandbLogger(LightningWandbLogger):
             job_type=job_type,
             **{**kwargs, "mode": self.mode},
         )
-        Path(save_dir).mkdir(parents=True, exist_ok=True)  # wandb falls back to a temp dir if it is missing
+
+    @property
+    def experiment(self) -> Any:
+        """The wandb run, started on first use. Its folder is made only then (wandb would fall back to a temp dir
+        if it were missing), so a run refused at a config check leaves no folder behind."""
+        if self._experiment is None:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        return super().experiment
 
 
 def _netrc_has_password(host: str, env: dict[str, str]) -> bool:

@@ -374,7 +374,7 @@ def test_failed_write_keeps_the_previous_release(phase, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(release_module, "plot_losses", disk_full)
+    monkeypatch.setattr(release_module.write, "plot_losses", disk_full)  # where write_release looks it up
     with pytest.raises(OSError, match="No space left on device"):
         write_release(previous, model, contents, overwrite=True)
     assert folder_digest(previous) == before

@@ -1,0 +1,436 @@
+"""`python -m moxin_lightning`: one entry point for the LightningCLI commands and the data/model commands.
+
+What must hold: `fit`/`validate`/`test` read YAML in the `omegaconf+` mode (several `--config` files merge key
+by key, a later file or flag wins, `${...}` resolves after merging, `--print_config` shows the result); the
+phase configs carry Moxin's published settings; the local overlay turns a phase into a CPU run; a missing
+dataset stops the run at once with a one-line error; and a fit's checkpoint gives the same loss again under
+`validate` and `test`. The slow test runs the README's main job for real, then phase 2 from its release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moxin_lightning.cli import main
+from moxin_lightning.model.config import ModelConfig
+from tests.prepared_data import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = {name: ROOT / "conf" / f"{name}.yaml" for name in ("phase1", "phase2", "phase3")}
+LOCAL = ROOT / "conf" / "local.yaml"
+MIXTURE = ["data/slimpajama", "data/dclm-baseline", "data/the-stack-dedup"]
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    """main() gets its words as a list; LightningCLI must not also see pytest's own arguments in sys.argv."""
+    monkeypatch.setattr(sys, "argv", ["moxin_lightning"])
+
+
+def printed_config(*arguments: str | Path, command: str = "fit") -> dict:
+    """The config `--print_config` prints for these arguments, parsed back from its YAML."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), pytest.raises(SystemExit) as stop:
+        main([command, *map(str, arguments), "--print_config"])
+    assert stop.value.code in (0, None)
+    return yaml.safe_load(stdout.getvalue())
+
+
+def configs(*files: Path) -> list[str]:
+    return [word for file in files for word in ("--config", str(file))]
+
+
+def callback(config: dict, class_path: str) -> dict:
+    (found,) = [c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"] == class_path]
+    return found
+
+
+def tokens_per_step(config: dict) -> int:
+    data, trainer = config["data"]["init_args"], config["trainer"]
+    return (
+        data["batch_size"]
+        * data["seq_len"]
+        * trainer["accumulate_grad_batches"]
+        * trainer["devices"]
+        * trainer["num_nodes"]
+    )
+
+
+# -- the phase configs ------------------------------------------------------------------------------------
+
+
+def test_phase1_is_moxin_7b_at_2k_on_the_mixture_with_fsdp2_in_bf16():
+    config = printed_config(*configs(PHASES["phase1"]))
+    model, data, trainer = config["model"], config["data"]["init_args"], config["trainer"]
+    assert model["class_path"] == "moxin_lightning.tasks.Pretrain"
+    assert model["init_args"]["preset"] == "moxin-7b"
+    assert model["init_args"]["init_from"] is None
+    assert model["init_args"]["betas"] == [0.9, 0.95]
+    assert model["init_args"]["eps"] == 1e-8
+    assert model["init_args"]["weight_decay"] == 0.1
+    assert model["init_args"]["schedule"] == "cosine"
+    assert model["init_args"]["min_lr_ratio"] == 0.1
+    assert model["init_args"]["activation_checkpointing"] is True
+    assert config["data"]["class_path"] == "datamodules.PretrainData"
+    assert data["datasets"] == MIXTURE
+    assert math.isclose(sum(data["weights"]), 1.0)
+    assert data["seq_len"] == 2048
+    assert trainer["strategy"]["class_path"] == "moxin_lightning.strategies.FSDP2"
+    assert trainer["precision"] == "bf16-mixed"
+    assert trainer["gradient_clip_val"] == 1.0
+    assert trainer["accumulate_grad_batches"] == 8
+    assert tokens_per_step(config) == 4 * 2048 * 8 * 64 == 4_194_304
+    # `${trainer.default_root_dir}` resolved in every place that names it
+    assert trainer["default_root_dir"] == "runs/phase1"
+    assert callback(config, "lightning.pytorch.callbacks.ModelCheckpoint")["dirpath"] == "runs/phase1/checkpoints"
+    assert callback(config, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase1/release"
+    assert trainer["logger"]["class_path"] == "moxin_lightning.loggers.WandbLogger"
+    assert trainer["logger"]["init_args"]["save_dir"] == "runs/phase1"
+
+
+def test_phase2_continues_phase1_at_4k_with_the_same_tokens_per_step():
+    phase1 = printed_config(*configs(PHASES["phase1"]))
+    phase2 = printed_config(*configs(PHASES["phase2"]))
+    assert phase2["model"]["init_args"]["init_from"] == "runs/phase1/release"
+    assert callback(phase1, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase1/release"
+    assert phase2["data"]["init_args"]["seq_len"] == 4096
+    assert phase2["data"]["init_args"]["datasets"] == MIXTURE
+    assert tokens_per_step(phase2) == tokens_per_step(phase1)
+    for key in ("preset", "betas", "weight_decay", "min_lr_ratio", "schedule"):
+        assert phase2["model"]["init_args"][key] == phase1["model"]["init_args"][key], key
+    assert phase2["trainer"]["gradient_clip_val"] == 1.0
+    assert callback(phase2, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase2/release"
+
+
+def test_phase3_is_the_capability_mix_from_phase2s_release():
+    phase1 = printed_config(*configs(PHASES["phase1"]))
+    phase3 = printed_config(*configs(PHASES["phase3"]))
+    data = phase3["data"]["init_args"]
+    assert phase3["model"]["init_args"]["init_from"] == "runs/phase2/release"
+    assert data["datasets"][0] == "data/benchmark-train"
+    assert data["datasets"][1:] == MIXTURE[1:]  # a replay of phase 1-2 data against forgetting
+    assert math.isclose(sum(data["weights"]), 1.0)
+    assert data["seq_len"] == 4096
+    assert tokens_per_step(phase3) == tokens_per_step(phase1)
+    assert callback(phase3, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase3/release"
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_each_setting_says_whether_moxin_published_it(phase):
+    """The comments mark Moxin's published settings [Moxin] and our own choices [ours]."""
+    lines = {line.split(":")[0].strip(): line for line in PHASES[phase].read_text().splitlines() if ":" in line}
+    for key in ("preset", "betas", "eps", "weight_decay", "min_lr_ratio", "gradient_clip_val"):
+        assert "# [Moxin]" in lines[key], lines[key]
+    for key in ("lr", "batch_size", "precision", "max_steps", "weights"):
+        assert "# [ours]" in lines[key], lines[key]
+
+
+@pytest.mark.parametrize("phase", sorted(PHASES))
+def test_the_local_overlay_makes_any_phase_a_cpu_run_on_the_builtin_corpus(phase):
+    alone = printed_config(*configs(PHASES[phase]))
+    config = printed_config(*configs(PHASES[phase], LOCAL))
+    model, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
+    assert trainer["accelerator"] == "cpu"
+    assert (trainer["devices"], trainer["num_nodes"], trainer["strategy"]) == (1, 1, "auto")
+    assert trainer["precision"] == "32-true"
+    assert model["preset"] == "moxin-tiny-9m"
+    # the phase's `attention: flash` gives way to SDPA (the overlay lists every override it needs: to
+    # jsonargparse a dict is one value, so a later file's `model_overrides` replaces an earlier one whole)
+    assert model["model_overrides"] == {"attention": "sdpa", "vocab_size": 4096, "sliding_window": 512}
+    assert (model["compile"], model["activation_checkpointing"]) == (False, False)
+    assert data["datasets"] == ["builtin:local?max_mb=3"]
+    assert data["weights"] is None
+    assert data["tokenizer"]["class_path"] == "moxin_lightning.tokenizers.LocalTokenizer"
+    assert data["tokenizer"]["init_args"]["vocab_size"] == model["model_overrides"]["vocab_size"]
+    assert data["seq_len"] == 512 == model["model_overrides"]["sliding_window"]
+    # what the overlay does not touch stays the phase's
+    assert model["init_from"] == alone["model"]["init_args"]["init_from"]
+    assert model["betas"] == [0.9, 0.95]
+    assert model["min_lr_ratio"] == 0.1
+    assert trainer["gradient_clip_val"] == 1.0
+    root = alone["trainer"]["default_root_dir"]
+    assert trainer["default_root_dir"] == root == f"runs/{phase}"
+    assert callback(config, "lightning.pytorch.callbacks.ModelCheckpoint")["dirpath"] == f"{root}/checkpoints"
+    assert callback(config, "callbacks.CheckpointPromotion")["dirpath"] == f"{root}/release"
+    assert trainer["logger"]["init_args"]["save_dir"] == root
+    # the overlay's schedule fits its run: validation and checkpoints land on max_steps
+    assert trainer["max_steps"] % trainer["val_check_interval"] == 0
+    assert model["warmup_steps"] < trainer["max_steps"]
+
+
+# -- merging, flags, interpolation -------------------------------------------------------------------------
+
+
+def test_configs_merge_key_by_key_a_later_file_or_flag_wins_and_interpolation_follows(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        "trainer:\n  default_root_dir: runs/mine\n"
+        "model:\n  init_args:\n    lr: 1.0e-3\n"
+        "data:\n  init_args:\n    val_batches: 2\n"
+    )
+    config = printed_config(*configs(PHASES["phase1"], LOCAL, mine), "--trainer.max_steps=7")
+    model, data, trainer = config["model"]["init_args"], config["data"]["init_args"], config["trainer"]
+    assert trainer["max_steps"] == 7  # the flag beats local.yaml's 300 and phase1's 380000
+    assert model["lr"] == 1e-3  # the third file beats local.yaml's 3e-3 and phase1's 3e-4
+    assert data["val_batches"] == 2  # ... and local.yaml's 4, while its siblings stay:
+    assert (data["seq_len"], data["batch_size"]) == (512, 4)  # from file 2
+    assert data["datasets"] == ["builtin:local?max_mb=3"]  # from file 2
+    assert (model["weight_decay"], model["warmup_steps"]) == (0.1, 15)  # from files 1 and 2
+    assert trainer["gradient_clip_val"] == 1.0  # from file 1
+    # phase1.yaml's `${trainer.default_root_dir}` takes the value that mine.yaml set later
+    assert trainer["default_root_dir"] == "runs/mine"
+    assert callback(config, "lightning.pytorch.callbacks.ModelCheckpoint")["dirpath"] == "runs/mine/checkpoints"
+    assert callback(config, "callbacks.CheckpointPromotion")["dirpath"] == "runs/mine/release"
+    assert trainer["logger"]["init_args"]["save_dir"] == "runs/mine"
+
+    swapped = printed_config(*configs(PHASES["phase1"], mine, LOCAL))
+    assert swapped["model"]["init_args"]["lr"] == 3e-3  # now local.yaml comes last and wins
+    assert swapped["trainer"]["max_steps"] == 300
+
+    flagged = printed_config(*configs(PHASES["phase1"]), "--trainer.default_root_dir=elsewhere")
+    assert callback(flagged, "callbacks.CheckpointPromotion")["dirpath"] == "elsewhere/release"
+
+
+def test_a_flag_adds_one_model_override_to_those_of_the_files():
+    config = printed_config(*configs(PHASES["phase1"], LOCAL), "--model.init_args.model_overrides.n_layers=3")
+    overrides = config["model"]["init_args"]["model_overrides"]
+    assert overrides == {"attention": "sdpa", "vocab_size": 4096, "sliding_window": 512, "n_layers": 3}
+
+
+def test_validate_and_test_read_the_same_configs():
+    for command in ("validate", "test"):
+        config = printed_config(*configs(PHASES["phase2"], LOCAL), command=command)
+        assert config["model"]["init_args"]["init_from"] == "runs/phase1/release"
+        assert config["model"]["init_args"]["preset"] == "moxin-tiny-9m"
+        assert config["trainer"]["accelerator"] == "cpu"
+
+
+# -- errors before work -----------------------------------------------------------------------------------
+
+
+def test_phase1_without_its_data_stops_at_once_with_a_one_line_error(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "moxin_lightning", "fit", *configs(PHASES["phase1"])],
+        cwd=work,
+        env={**os.environ, "HOME": str(tmp_path / "home"), "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no prepared dataset at data/slimpajama"), result.stderr
+    assert "python -m moxin_lightning prepare" in last
+    assert last.endswith("--output data/slimpajama")
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [last]
+    # the data check comes before the Trainer (which would refuse `accelerator: gpu` here) and the 7B model:
+    # the time is Python's imports and the config parse (~7 s on 2 idle cores), with room for a busy machine
+    assert seconds < 45, f"took {seconds:.1f} s"
+    assert list(work.iterdir()) == [], "a run that cannot start must leave nothing behind"
+
+
+def test_a_bad_config_value_is_a_parse_error_naming_the_key(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *configs(PHASES["phase1"], LOCAL), "--model.init_args.schedule=sometimes", "--print_config"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert 'Parser key "schedule"' in error
+    assert "Expected a typing.Literal['cosine', 'linear', 'wsd', 'constant']. Got value: sometimes" in error
+
+
+# -- the other commands -----------------------------------------------------------------------------------
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    commands = text.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert commands == ["fit", "validate", "test", "info", "demo", "train-tokenizer", "prepare"]
+
+
+def test_fit_help_is_lightning_clis(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--config", "--print_config", "--trainer.max_steps", "--ckpt_path", "--model", "--data"):
+        assert option in text, option
+
+
+def test_info_still_dispatches(capsys):
+    main(["info", "--preset", "moxin-tiny-9m", "--seq_len", "512"])
+    lines = capsys.readouterr().out.splitlines()
+    config = ModelConfig.from_name("moxin-tiny-9m")
+    assert lines[0].split() == ["preset", "moxin-tiny-9m"]
+    assert f"parameters        {config.num_params():,}" in lines
+    assert f"train FLOPs/token {config.flops_per_token(512):,} at sequence 512" in lines
+
+
+def test_an_unknown_command_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'train'" in capsys.readouterr().err
+
+
+# -- a tiny run through the whole CLI ---------------------------------------------------------------------
+
+TINY_RUN = """
+seed_everything: 7
+model:
+  class_path: moxin_lightning.tasks.Pretrain
+  init_args:
+    preset: moxin-tiny-9m
+    model_overrides: {{vocab_size: 256, dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, head_dim: 16,
+                      ffn_dim: 128, max_seq_len: 256, sliding_window: 64, attention: sdpa}}
+    lr: 3.0e-3
+    warmup_steps: 2
+data:
+  class_path: datamodules.PretrainData
+  init_args:
+    datasets: [{data}]
+    seq_len: 32
+    batch_size: 2
+    val_batches: 3
+trainer:
+  default_root_dir: {root}
+  accelerator: cpu
+  devices: 1
+  max_steps: 1000
+  val_check_interval: 3
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: "${{trainer.default_root_dir}}", name: logs, version: fit}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: "${{trainer.default_root_dir}}/checkpoints", save_last: true}}
+    - class_path: callbacks.CheckpointPromotion
+      init_args: {{dirpath: "${{trainer.default_root_dir}}/release", include_code: false}}
+"""
+
+
+def csv_rows(file: Path) -> list[dict[str, str]]:
+    with file.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[float]:
+    return [float(row[name]) for row in rows if row.get(name)]
+
+
+def test_fit_ships_its_config_and_validate_and_test_reproduce_its_loss(tmp_path):
+    root = tmp_path / "run"
+    config_file, overlay = tmp_path / "tiny.yaml", tmp_path / "short.yaml"
+    config_file.write_text(TINY_RUN.format(data=write_dataset(tmp_path / "data", 0, 200), root=root))
+    overlay.write_text("trainer:\n  max_steps: 6\n")
+    arguments = [*configs(config_file, overlay), "--data.init_args.val_batches=2"]
+    main(["fit", *arguments])
+
+    rows = csv_rows(root / "logs" / "fit" / "metrics.csv")
+    train_loss, val_loss = column(rows, "train/loss"), column(rows, "val/loss")
+    assert len(train_loss) == 6
+    assert len(val_loss) == 2  # after steps 3 and 6
+    assert all(math.isfinite(value) for value in train_loss + val_loss)
+    assert column(rows, "val/ppl") == pytest.approx([math.exp(v) for v in val_loss], rel=1e-5)
+
+    # the release ships the merged, resolved config: the same values --print_config shows
+    shipped = yaml.safe_load((root / "release" / "config.yaml").read_text())
+    assert shipped == printed_config(*arguments)
+    assert shipped["model"]["init_args"]["model_overrides"]["dim"] == 64
+    assert (shipped["trainer"]["max_steps"], shipped["data"]["init_args"]["val_batches"]) == (6, 2)
+    assert callback(shipped, "callbacks.CheckpointPromotion")["dirpath"] == f"{root}/release"
+    curves = json.loads((root / "release" / "loss_curves.json").read_text())
+    assert [step for step, _ in curves["val"]] == [3, 6]
+    assert [loss for _, loss in curves["val"]] == pytest.approx(val_loss, rel=1e-6)
+
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    for command, metric in (("validate", "val/loss"), ("test", "test/loss")):
+        main([command, *arguments, f"--ckpt_path={checkpoint}", f"--trainer.logger.init_args.version={command}"])
+        (again,) = column(csv_rows(root / "logs" / command / "metrics.csv"), metric)
+        assert again == pytest.approx(val_loss[-1], rel=1e-6), command  # same weights, same held-out batches
+
+
+# -- the README's main job --------------------------------------------------------------------------------
+
+
+def curves(release: Path) -> dict[str, list[tuple[int, float]]]:
+    """The loss curves a release ships (CheckpointPromotion records them): {"train"|"val": [(step, loss)]}."""
+    data = json.loads((release / "loss_curves.json").read_text())
+    return {name: [(int(step), float(loss)) for step, loss in points] for name, points in data.items()}
+
+
+@pytest.mark.slow
+def test_the_readme_job_trains_phase1_on_a_cpu_and_phase2_starts_from_its_release(tmp_path):
+    """`fit --config conf/phase1.yaml --config conf/local.yaml` from nothing (tokenizer and corpus made on first
+    use, W&B offline): validation loss falls clearly and the release appears; phase 2 then starts from it."""
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path / "home"),
+        "MOXIN_CACHE": str(tmp_path / "cache"),
+        "WANDB_MODE": "offline",
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def run(command: str, *arguments: str) -> float:
+        started = time.perf_counter()
+        words = [sys.executable, "-m", "moxin_lightning", command, *arguments]
+        result = subprocess.run(words, cwd=work, env=env, capture_output=True, text=True, timeout=3600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return time.perf_counter() - started
+
+    phase1_seconds = run("fit", *configs(PHASES["phase1"], LOCAL))
+    release = work / "runs" / "phase1" / "release"
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "config.yaml", "README.md"):
+        assert (release / name).is_file(), name
+    phase1 = curves(release)
+    steps, val = zip(*phase1["val"], strict=True)
+    assert steps == tuple(range(50, 301, 50))  # local.yaml: 300 steps, validation every 50
+    assert json.loads((release / "metrics.json").read_text())["metrics"]["val/loss"] == pytest.approx(val[-1])
+
+    # the same validation batches scored by the untrained model (seeded initial weights, no checkpoint)
+    csv_logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=."]
+    run("validate", *configs(PHASES["phase1"], LOCAL), *csv_logger, "--trainer.logger.init_args.name=untrained")
+    (untrained,) = column(csv_rows(work / "untrained" / "version_0" / "metrics.csv"), "val/loss")
+    assert untrained == pytest.approx(math.log(4096), abs=0.3)  # nearly uniform over the 4096 pieces
+    assert list(val) == sorted(val, reverse=True), val  # falling at every validation
+    assert untrained - val[0] >= 1.0, (untrained, val)
+    assert untrained - val[-1] >= 1.5, (untrained, val)
+    assert val[0] - val[-1] >= 0.3, val
+
+    phase2_seconds = run(
+        "fit", *configs(PHASES["phase2"], LOCAL), "--trainer.max_steps=20", "--trainer.val_check_interval=10"
+    )
+    phase2 = curves(work / "runs" / "phase2" / "release")
+    # phase 2's first step is scored on phase 1's weights (init_from: runs/phase1/release): trained, not random
+    assert phase2["train"][0][0] == 1
+    assert phase2["train"][0][1] < untrained - 1.5, (phase2["train"][:3], untrained)
+    assert phase2["val"][0][1] < val[0], (phase2["val"], val)
+    assert phase2["val"][0][1] == pytest.approx(val[-1], abs=0.3), (phase2["val"], val)
+    print(
+        f"\nphase 1 (local overlay, first use included): {phase1_seconds:.0f} s; untrained val/loss {untrained:.3f}, "
+        f"val/loss {[round(v, 3) for v in val]}\nphase 2 from the release, 20 steps: {phase2_seconds:.0f} s; "
+        f"val/loss {[round(v, 3) for _, v in phase2['val']]}; load average {os.getloadavg()}"
+    )
