@@ -284,3 +284,25 @@ def test_init_from_a_different_model_names_the_differences(tmp_path):
     export_hf(task(model_overrides={**TINY, "n_layers": 3}).model, tmp_path / "hf")
     with pytest.raises(CheckpointError, match=r"is a different model: n_layers 3 \(configured 2\)"):
         task(init_from=str(tmp_path / "hf"))
+
+
+@pytest.mark.slow
+def test_compiled_and_checkpointed_blocks_train_exactly_like_eager_ones():
+    """configure_model's order (activation checkpointing, then torch.compile per block) changes no number."""
+
+    def losses(**kwargs) -> list[float]:
+        module, seen = task(seed=3, warmup_steps=0, **kwargs), []
+
+        class Record(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen.append(trainer.callback_metrics["train/loss"].item())
+
+        trainer(max_steps=4, callbacks=[Record()]).fit(module, Loader(batches(4)))
+        assert all(block._compiled_call_impl is not None for block in module.model.blocks) == kwargs.get(
+            "compile", False
+        )
+        return seen
+
+    eager = losses()
+    assert losses(compile=True) == pytest.approx(eager, rel=1e-5)
+    assert losses(compile=True, activation_checkpointing=True) == pytest.approx(eager, rel=1e-5)
