@@ -22,6 +22,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from tests.run_callbacks import StepRecorder
+
 TINY = dict(
     vocab_size=256,
     dim=64,
@@ -92,20 +94,6 @@ class StepData(L.LightningDataModule):
 
     def train_dataloader(self) -> StepBatches:
         return StepBatches(self.steps, self.accumulate, self.rows)
-
-
-class StepRecorder(L.Callback):
-    """train/loss and train/lr of every optimizer step (the task logs them once per step)."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step > (self.steps[-1]["step"] if self.steps else 0):
-            metrics = trainer.callback_metrics
-            self.steps.append(
-                {"step": trainer.global_step, "loss": metrics["train/loss"].item(), "lr": metrics["train/lr"].item()}
-            )
 
 
 def train(

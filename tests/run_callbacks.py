@@ -14,13 +14,10 @@ import lightning as L
 import torch
 
 
-class RecordRun(L.Callback):
-    """Writes `path` at the end of training: {"steps": [{step, loss, lr}, ...], "weights": full state dict}.
+class StepRecorder(L.Callback):
+    """train/loss and train/lr of every optimizer step (the task logs them once per step)."""
 
-    Steps are those this process ran (a resumed run starts after its checkpoint's step)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -29,6 +26,16 @@ class RecordRun(L.Callback):
             self.steps.append(
                 {"step": trainer.global_step, "loss": metrics["train/loss"].item(), "lr": metrics["train/lr"].item()}
             )
+
+
+class RecordRun(StepRecorder):
+    """Writes `path` at the end of training: {"steps": [{step, loss, lr}, ...], "weights": full state dict}.
+
+    Steps are those this process ran (a resumed run starts after its checkpoint's step)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         weights = pl_module.full_state_dict()  # a collective: every rank takes part
