@@ -166,3 +166,18 @@ def test_datasets_without_a_held_out_split_have_no_validation(data_dirs, tmp_pat
     mixed = module([copy, data_dirs[1]], val_batches=2).val_dataloader()
     body = torch.cat([b["input_ids"].flatten() for b in mixed])
     assert len(mixed) == 2 and bool(((body < 3) | (body >= 100)).all())  # only dataset B's held-out documents
+
+
+def test_manifests_are_read_from_object_store_urls(data_dirs):
+    """Remote datasets (s3://, gs://, ...) are read through fsspec; the in-memory store stands in for one here."""
+    import fsspec
+
+    from moxin_lightning.data import manifest
+
+    local = data_dirs[0] / "manifest.json"
+    fsspec.filesystem("memory").pipe("/bucket/a/manifest.json", local.read_bytes())
+    assert manifest.read("memory://bucket/a") == json.loads(local.read_text())
+    with pytest.raises(
+        FileNotFoundError, match="no prepared dataset at memory://bucket/b .* --output memory://bucket/b"
+    ):
+        manifest.read("memory://bucket/b")
