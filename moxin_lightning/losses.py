@@ -22,9 +22,12 @@ def linear_cross_entropy(
     *,
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int = 1024,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over tokens of cross-entropy(hidden @ weight.T, targets), and the number of counted tokens.
 
+    `weights` (same shape as targets), when given, scales each token's loss: e.g. 1 / (tokens of its sequence),
+    which turns the sum into a sum of per-sequence means (SFT's `mean` reduction).
     hidden (..., dim), weight (vocab, dim), targets (...) with `ignore_index` where no loss is taken.
     Returns (loss_sum, n_tokens). Callers divide by the token count of the whole optimizer step
     (all micro-batches and ranks), which is what makes the loss invariant to how a batch is split.
@@ -35,7 +38,8 @@ def linear_cross_entropy(
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states but {targets.shape[0]} targets")
     counted = targets != ignore_index
-    loss_sum = _LinearCrossEntropy.apply(hidden, weight, targets, counted, chunk_tokens)
+    scale = counted.to(torch.float32) if weights is None else counted * weights.reshape(-1).to(torch.float32)
+    loss_sum = _LinearCrossEntropy.apply(hidden, weight, targets, scale, chunk_tokens)
     return loss_sum, counted.sum()
 
 
@@ -46,15 +50,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, counted, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, scale, chunk_tokens):
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-        safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
+        safe_targets = torch.where(scale != 0, targets, 0).unsqueeze(1)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = start + chunk_tokens
-            h, target, keep = hidden[start:end], safe_targets[start:end], counted[start:end].unsqueeze(1)
+            h, target, keep = hidden[start:end], safe_targets[start:end], scale[start:end].unsqueeze(1)
             logits = (h @ weight.t()).float()
             target_logits = logits.gather(1, target)
             row_max = logits.amax(dim=1, keepdim=True)
@@ -64,10 +68,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is None and grad_weight is None:
                 continue
             grad_logits = exp.div_(row_sum)  # softmax
-            grad_logits.scatter_add_(1, target, -keep.to(grad_logits.dtype))  # minus one-hot of counted targets
-            ignored = (~keep).nonzero()[:, 0]
-            if ignored.numel():
-                grad_logits.index_fill_(0, ignored, 0.0)
+            grad_logits.scatter_add_(1, target, -torch.ones_like(keep))  # minus one-hot of the targets
+            grad_logits.mul_(keep)  # each token's weight (0 where no loss is taken)
             grad_logits = grad_logits.to(h.dtype)
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight.to(h.dtype), out=grad_hidden[start:end])
@@ -84,4 +86,158 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "dpo_norm")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards of the chosen and rejected responses.
+
+    Inputs are (B,) per-sequence SUMS of response-token log-probs under the policy and the frozen
+    reference; `chosen_lengths` / `rejected_lengths` are (B,) response token counts (labels != -100).
+    With the log-ratios  c = policy_chosen - ref_chosen,  r = policy_rejected - ref_rejected,
+    the per-token log-ratios  c' = c / chosen_len,  r' = r / rejected_len  (lengths clamped to >= 1,
+    as TRL does) and  s(x) = -(1 - eps) * logsigmoid(x) - eps * logsigmoid(-x)  (cDPO label smoothing,
+    eps = label_smoothing; eps = 0 is plain DPO):
+
+        sigmoid   (DPO)                     loss = s(beta * (c - r))
+        ipo       (IPO as TRL 1.16 has it)  loss = (c' - r' - 1 / (2 * beta)) ** 2
+        dpo_norm  (Tulu 3 / open-instruct)  loss = s(beta * (c' - r'))
+
+    Rewards are beta * c and beta * r, except for dpo_norm where open-instruct defines them on the
+    length-averaged log-probs: beta * c' and beta * r'. They are detached: metrics, not objectives.
+
+    WHY the details: the log-ratios are formed before their difference, in TRL's order, so the losses
+    and gradients match TRL's `DPOTrainer` to the last bit in float32 (tests/test_dpo_loss.py).
+    TRL's `sigmoid_norm` is our `dpo_norm` (same loss; TRL's logged rewards are un-normalised).
+    IPO's squared loss would grow with response length on summed log-probs; TRL (with the IPO authors)
+    averages per token, and so do we. TRL 1.16 ignores label smoothing for `sigmoid`; we keep the
+    cDPO form that open-instruct and earlier TRL use, since Tulu 3's recipe exposes it.
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); callers reduce the losses.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}: choose one of {', '.join(DPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"DPO beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type == "ipo":
+        raise ValueError("label_smoothing has no meaning for loss_type 'ipo': set label_smoothing=0")
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if len({tuple(t.shape) for t in logps}) != 1 or policy_chosen_logps.dim() != 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in logps)
+        raise ValueError(f"DPO log-probs must all be (batch,) per-sequence sums, got shapes {shapes}")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    if loss_type == "sigmoid":
+        chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+        losses = _smoothed_logistic_loss(beta * (chosen_logratios - rejected_logratios), label_smoothing)
+        return losses, chosen_rewards.detach(), rejected_rewards.detach()
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths (response token counts)")
+    for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if tuple(lengths.shape) != tuple(policy_chosen_logps.shape):
+            raise ValueError(f"{name} has shape {tuple(lengths.shape)}, expected {tuple(policy_chosen_logps.shape)}")
+    chosen_per_token = chosen_logratios / chosen_lengths.clamp(min=1).to(chosen_logratios.dtype)
+    rejected_per_token = rejected_logratios / rejected_lengths.clamp(min=1).to(rejected_logratios.dtype)
+    if loss_type == "ipo":
+        losses = (chosen_per_token - rejected_per_token - 1 / (2 * beta)) ** 2
+        return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+    losses = _smoothed_logistic_loss(beta * (chosen_per_token - rejected_per_token), label_smoothing)
+    return losses, (beta * chosen_per_token).detach(), (beta * rejected_per_token).detach()
+
+
+def _smoothed_logistic_loss(scaled_margin: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-log p(chosen wins) if the preference label is flipped with probability `label_smoothing` (cDPO)."""
+    logsigmoid = torch.nn.functional.logsigmoid
+    return -(1 - label_smoothing) * logsigmoid(scaled_margin) - label_smoothing * logsigmoid(-scaled_margin)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """log p(target) under softmax(hidden @ weight.T) at every position; 0.0 where target == ignore_index.
+
+    hidden (..., dim), weight (vocab, dim), targets (...) -> float32 tensor shaped like targets.
+    DPO needs per-sequence sums of these for the policy (with gradients) and the reference.
+    The head runs chunk by chunk in fp32 and only the inputs plus one float per token are kept for
+    backward, which recomputes each chunk's logits: the (tokens x vocab) logits never live across
+    forward and backward, where with a 32K vocabulary they would dwarf the model's activations.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match head weight {tuple(weight.shape)}")
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    if flat_hidden.shape[0] != flat_targets.shape[0]:
+        raise ValueError(f"{flat_hidden.shape[0]} hidden states but {flat_targets.shape[0]} targets")
+    counted = flat_targets != ignore_index
+    logps = _TokenLogprobs.apply(flat_hidden, weight, flat_targets, counted, chunk_tokens)
+    return logps.view(targets.shape)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Chunked head + log-softmax gather whose backward recomputes each chunk's logits.
+
+    d log p(t) / d logits = one_hot(t) - softmax(logits); forward keeps each row's log-sum-exp so
+    backward rebuilds the softmax with one matmul and one exp per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, counted, chunk_tokens):
+        safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
+        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        log_normalizers = torch.zeros_like(logps)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = start + chunk_tokens
+            logits = (hidden[start:end] @ weight.t()).float()
+            log_normalizers[start:end] = logits.logsumexp(dim=1)
+            target_logps = logits.gather(1, safe_targets[start:end]).squeeze(1) - log_normalizers[start:end]
+            logps[start:end] = torch.where(counted[start:end], target_logps, 0.0)
+        ctx.save_for_backward(hidden, weight, safe_targets, counted, log_normalizers)
+        ctx.chunk_tokens = chunk_tokens
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps):
+        hidden, weight, safe_targets, counted, log_normalizers = ctx.saved_tensors
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        if grad_hidden is None and grad_weight is None:
+            return None, None, None, None, None
+        grad_logps = torch.where(counted, grad_logps.float(), 0.0).unsqueeze(1)
+        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+            end = start + ctx.chunk_tokens
+            h, g = hidden[start:end], grad_logps[start:end]
+            logits = (h @ weight.t()).float()
+            grad_logits = logits.sub_(log_normalizers[start:end].unsqueeze(1)).exp_().mul_(-g)  # -g * softmax
+            grad_logits.scatter_add_(1, safe_targets[start:end], g)  # + g * one_hot(target)
+            grad_logits = grad_logits.to(h.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight.to(h.dtype), out=grad_hidden[start:end])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t().float(), h.float())
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None

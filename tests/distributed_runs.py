@@ -106,16 +106,19 @@ def train(
     activation_checkpointing: bool = False,
     checkpoint_dir: Path | None = None,
     ckpt_path: Path | None = None,
+    sft_reduction: str | None = None,
 ) -> dict[str, Any]:
-    """Train the tiny Pretrain task on the fixed batches; returns the steps, the full final weights (on every
-    rank: collecting them is a collective) and how the model ended up wrapped."""
+    """Train the tiny Pretrain task (or SFT with `sft_reduction`) on the fixed batches; returns the steps, the full
+    final weights (on every rank: collecting them is a collective) and how the model ended up wrapped."""
     from torch.distributed.tensor import DTensor
 
-    from moxin_lightning.tasks import Pretrain
+    from moxin_lightning.tasks import SFT, Pretrain
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    task = Pretrain(
+    task_class, extra = (Pretrain, {}) if sft_reduction is None else (SFT, {"loss_reduction": sft_reduction})
+    task = task_class(
+        **extra,
         preset="moxin-tiny-9m",
         model_overrides=TINY,
         lr=LR,
@@ -168,6 +171,7 @@ def train(
 RUNS = {
     "plain": {},
     "accumulated": {"accumulate": 2},
+    "sft_mean": {"sft_reduction": "mean", "accumulate": 2},
     "checkpointed_activations": {"activation_checkpointing": True},
     "saving": {"checkpoint_dir": "checkpoints"},
     "resumed": {"ckpt_path": f"checkpoints/step={CHECKPOINT_EVERY}.ckpt"},

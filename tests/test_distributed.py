@@ -83,7 +83,7 @@ def one_process() -> dict:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory) -> dict[str, dict]:
-    return launch("ddp", tmp_path_factory.mktemp("ddp"), ["plain", "accumulated"])
+    return launch("ddp", tmp_path_factory.mktemp("ddp"), ["plain", "accumulated", "sft_mean"])
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,22 @@ def test_ddp_matches_one_process(one_process, ddp):
 def test_ddp_with_accumulation_matches_one_process(one_process, ddp):
     """2 processes x 2 micro-batches of 1 row = 1 process x 4 rows."""
     assert_same_training(ddp["accumulated"], one_process)
+
+
+def test_sft_accumulation_8x1_equals_1x8_for_both_reductions():
+    """SFT's `sum` (per token) and `mean` (per conversation: each row holds two, with unequal label counts)."""
+    losses = {}
+    for reduction in ("sum", "mean"):
+        whole = train_here(rows=8, sft_reduction=reduction)
+        assert_same_training(train_here(rows=8, accumulate=8, sft_reduction=reduction), whole)
+        losses[reduction] = [step["loss"] for step in whole["steps"]]
+    assert losses["sum"] != pytest.approx(losses["mean"], rel=1e-3)  # the two reductions really differ here
+
+
+@pytest.mark.distributed
+def test_sft_per_conversation_mean_on_2_processes_matches_one_process(ddp):
+    """2 processes x 2 micro-batches of 1 row = 1 process x 4 rows, with the per-conversation `mean` reduction."""
+    assert_same_training(ddp["sft_mean"], train_here(sft_reduction="mean"))
 
 
 @pytest.mark.distributed

@@ -73,3 +73,19 @@ def test_mismatched_targets_are_refused():
     hidden, weight, targets = problem(n=10)
     with pytest.raises(ValueError, match="10 hidden states but 9 targets"):
         linear_cross_entropy(hidden, weight, targets[:9])
+
+
+@pytest.mark.parametrize("chunk", [7, 1024])
+def test_token_weights_scale_each_tokens_loss_and_gradient(chunk):
+    hidden, weight, targets = problem(seed=4)
+    weights = torch.rand(targets.shape, generator=torch.Generator().manual_seed(1)) + 0.1
+    per_token = F.cross_entropy(hidden @ weight.t(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+    (weights * per_token).sum().backward()
+    expected = (weights * per_token).sum().detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    loss_sum, count = linear_cross_entropy(hidden, weight, targets, chunk_tokens=chunk, weights=weights)
+    loss_sum.backward()
+    assert count.item() == int((targets != IGNORE_INDEX).sum())  # the count is of tokens, whatever the weights
+    torch.testing.assert_close(loss_sum, expected[0], atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(hidden.grad, expected[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, expected[2], atol=1e-5, rtol=1e-5)

@@ -306,3 +306,14 @@ def test_compiled_and_checkpointed_blocks_train_exactly_like_eager_ones():
     eager = losses()
     assert losses(compile=True) == pytest.approx(eager, rel=1e-5)
     assert losses(compile=True, activation_checkpointing=True) == pytest.approx(eager, rel=1e-5)
+
+
+def test_sft_mean_weights_each_conversation_equally():
+    from moxin_lightning.tasks.sft import per_conversation_weights
+
+    labels = torch.tensor([[5, 6, -100, 7, -100, -100], [-100, 8, 9, 9, 9, -100]])
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]])
+    weights, conversations = per_conversation_weights(labels, doc_ids)
+    expected = torch.tensor([[0.5, 0.5, 0, 1.0, 0, 0], [0, 1.0, 1 / 3, 1 / 3, 1 / 3, 0]])
+    torch.testing.assert_close(weights, expected)
+    assert conversations.item() == 4  # conversation 2 of row 0 has no assistant token

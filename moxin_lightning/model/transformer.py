@@ -112,13 +112,21 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: RollingKVCache | None = None,
         targets: torch.Tensor | None = None,
+        target_weights: torch.Tensor | None = None,
+        target_logprobs: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab); with `targets` (B, T) instead the summed next-token cross-entropy and the
         number of counted targets, through the fused head (`losses.linear_cross_entropy`), so the logits are
-        never stored. The loss goes through `forward` so that sharding wrappers (FSDP2) gather the head."""
+        never stored (`target_weights` scales each token's loss); with `target_logprobs` the log-probability of
+        each target (B, T), 0 where it is ignored (DPO, GRPO). These go through `forward` so that sharding wrappers
+        (FSDP2) gather the head."""
         hidden = self.hidden_states(input_ids, doc_ids=doc_ids, positions=positions, cache=cache)
+        if targets is not None and target_logprobs:
+            from moxin_lightning.losses import token_logprobs
+
+            return token_logprobs(hidden, self.lm_head.weight, targets)
         if targets is not None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, weights=target_weights)
         return self.lm_head(hidden)
 
     def hidden_states(

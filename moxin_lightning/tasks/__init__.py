@@ -2,5 +2,6 @@
 
 from moxin_lightning.tasks.base import TrainingTask
 from moxin_lightning.tasks.pretrain import Pretrain
+from moxin_lightning.tasks.sft import SFT
 
-__all__ = ["Pretrain", "TrainingTask"]
+__all__ = ["SFT", "Pretrain", "TrainingTask"]

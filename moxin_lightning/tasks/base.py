@@ -97,11 +97,17 @@ class TrainingTask(L.LightningModule):
             self.model.config = self._config
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is None:
+            self.model = self.build_model()
+
+    def build_model(self, trainable: bool = True) -> Transformer:
+        """The backbone, parallelised for the trainer's strategy and holding its initial weights.
+
+        `trainable=False` builds a frozen copy of the starting point (DPO's reference): no activation
+        checkpointing (it never runs backward) and no gradients."""
         with torch.device("meta"):
             model = Transformer(self._config)
-        if self.hparams.activation_checkpointing:
+        if self.hparams.activation_checkpointing and trainable:
             parallelize.checkpoint_activations(model)
         if self.hparams.compile:
             parallelize.compile_blocks(model)
@@ -117,7 +123,9 @@ class TrainingTask(L.LightningModule):
             parallelize.shard(model, self.device_mesh["data_parallel"], param_dtype)
         model.to_empty(device=strategy.root_device if strategy is not None else torch.device("cpu"))
         self._load_initial_weights(model)
-        self.model = model
+        if not trainable:
+            model.requires_grad_(False).eval()
+        return model
 
     def _load_initial_weights(self, model: Transformer) -> None:
         if self.hparams.init_from is None:
