@@ -6,6 +6,9 @@ still in cache, the gradient (softmax minus one-hot), then folds that into the g
 states and of the head weight. The usual path writes the logits, a log-softmax copy, its gradient and a
 zero-filled NLL gradient, each tokens x vocab floats: with Moxin's 32K vocabulary that memory traffic
 is a large share of a training step.
+
+`token_logprobs` gives each target's log-probability (DPO, GRPO) without keeping the logits for backward, and
+`dpo_loss` holds the DPO-family objectives (equal to TRL's on the same log-probs; see tests/test_dpo_loss.py).
 """
 
 from __future__ import annotations

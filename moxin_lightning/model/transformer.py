@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moxin_lightning.losses import linear_cross_entropy
+from moxin_lightning.losses import linear_cross_entropy, token_logprobs
 from moxin_lightning.model.attention import AttentionLayout, get_kernel
 from moxin_lightning.model.cache import RollingKVCache
 from moxin_lightning.model.config import ModelConfig
@@ -122,8 +122,6 @@ class Transformer(nn.Module):
         (FSDP2) gather the head."""
         hidden = self.hidden_states(input_ids, doc_ids=doc_ids, positions=positions, cache=cache)
         if targets is not None and target_logprobs:
-            from moxin_lightning.losses import token_logprobs
-
             return token_logprobs(hidden, self.lm_head.weight, targets)
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, weights=target_weights)

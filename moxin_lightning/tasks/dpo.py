@@ -1,0 +1,156 @@
+"""`DPO`: direct preference optimisation on the shared backbone (Moxin-Instruct's second stage).
+
+The loss is `losses.dpo_loss` on per-sequence sums of response-token log-probs of the policy and of a
+reference. The reference is the starting point of the policy, either kept as a frozen model
+(`reference: model`) or scored once before training and cached on disk (`reference: cache`), keyed by a hash of
+the starting weights and of the data (which covers the chat template and the maximum length); a change in any
+of them recomputes it, and the cached run holds no second model in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from moxin_lightning.atomic import remove_stale_temporaries
+from moxin_lightning.first_use import cache_root
+from moxin_lightning.losses import IGNORE_INDEX, dpo_loss
+from moxin_lightning.model.transformer import Transformer
+from moxin_lightning.tasks.base import TrainingTask
+
+
+class DPO(TrainingTask):
+    """Preference optimisation on `datamodules.PreferenceData` batches.
+
+    Args:
+        beta: strength of the implicit KL constraint (Moxin-Instruct: 5 with `dpo_norm`).
+        loss_type: `sigmoid` (DPO), `ipo`, or `dpo_norm` (length-normalised, Tülu 3's default).
+        reference: `model` (a frozen copy of the starting weights) or `cache` (reference log-probs computed once
+            and stored under `cache_dir`).
+        cache_dir: where cached reference log-probs live (default `$MOXIN_CACHE/reference_logps`).
+        **kwargs: the shared settings of `TrainingTask`; `conf/dpo.yaml` sets Moxin's.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "dpo_norm"] = "sigmoid",
+        reference: Literal["model", "cache"] = "model",
+        cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if reference not in ("model", "cache"):
+            raise ValueError(f"reference={reference!r}; choose model (a frozen copy) or cache (log-probs on disk)")
+        if beta <= 0:
+            raise ValueError(f"beta={beta} must be > 0")
+        super().__init__(**kwargs)
+        self.beta, self.loss_type, self.reference_kind = beta, loss_type, reference
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "reference_logps"
+        self._reference: Transformer | None = None  # kept out of the module tree: never saved, never trained
+        self._cached: torch.Tensor | None = None
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference_kind == "model" and self._reference is None:
+            object.__setattr__(self, "_reference", self.build_model(trainable=False))
+
+    def on_fit_start(self) -> None:
+        if self.reference_kind == "cache" and self._cached is None:
+            self._cached = self._cached_reference()
+
+    # -- log-probs ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def pair_logps(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Summed response log-probs and response lengths of chosen and rejected, in one forward."""
+        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        length = max(chosen.shape[1], rejected.shape[1])
+        inputs = torch.cat([_pad(chosen, length, 0), _pad(rejected, length, 0)])
+        labels = torch.cat([_pad(batch["chosen_labels"], length), _pad(batch["rejected_labels"], length)])
+        token_logps = model(inputs, targets=labels, target_logprobs=True)
+        sums, lengths = token_logps.sum(-1), (labels != IGNORE_INDEX).sum(-1)
+        rows = chosen.shape[0]
+        return sums[:rows], sums[rows:], lengths[:rows], lengths[rows:]
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cached is not None:
+            table = self._cached.to(batch["pair_index"].device)[batch["pair_index"]]
+            return table[:, 0], table[:, 1]
+        with torch.no_grad():
+            chosen, rejected, _, _ = self.pair_logps(self._reference, batch)
+        return chosen, rejected
+
+    # -- loss ----------------------------------------------------------------------------------------------
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected, chosen_lengths, rejected_lengths = self.pair_logps(self.model, batch)
+        ref_chosen, ref_rejected = self._reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
+        stage = "train" if self.training else "val"
+        margin = (chosen_rewards - rejected_rewards).detach()
+        self.log(f"{stage}/rewards_chosen", chosen_rewards.mean(), on_step=self.training, on_epoch=not self.training)
+        self.log(
+            f"{stage}/rewards_rejected", rejected_rewards.mean(), on_step=self.training, on_epoch=not self.training
+        )
+        self.log(f"{stage}/rewards_margin", margin.mean(), on_step=self.training, on_epoch=not self.training)
+        self.log(
+            f"{stage}/rewards_accuracy", (margin > 0).float().mean(), on_step=self.training, on_epoch=not self.training
+        )
+        return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
+
+    # -- the cached reference ------------------------------------------------------------------------------
+
+    def _cache_key(self, data: Any) -> str:
+        """Hash of the starting weights (this is called before the first step) and of the tokenized data."""
+        state = self.full_state_dict()
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].float().numpy().tobytes())
+        digest.update(str(data.fingerprint).encode())
+        key = digest.hexdigest()[:24] if state else ""
+        return self.trainer.strategy.broadcast(key)
+
+    def _cached_reference(self) -> torch.Tensor:
+        data = self.trainer.datamodule
+        path = self.cache_dir / f"{self._cache_key(data)}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        scores: dict[int, tuple[float, float]] = {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for batch in data.train_dataloader():  # every pair, on every rank (not split by the sampler)
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                chosen, rejected, _, _ = self.pair_logps(self.model, batch)
+                for index, c, r in zip(batch["pair_index"].tolist(), chosen.tolist(), rejected.tolist(), strict=True):
+                    scores[index] = (c, r)
+        self.model.train(was_training)
+        table = torch.full((max(scores) + 1, 2), float("nan"))
+        for index, pair in scores.items():
+            table[index] = torch.tensor(pair)
+        if self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path)
+            temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-cache"
+            torch.save(table, temporary)
+            temporary.replace(path)
+        self.trainer.strategy.barrier("reference log-probs cached")
+        return table
+
+
+def _pad(tensor: torch.Tensor, length: int, value: int = IGNORE_INDEX) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
