@@ -3,6 +3,8 @@
 A top-level package, shipped beside `moxin_lightning`; it may import `moxin_lightning`, never the reverse.
 """
 
+from datamodules.chat import ChatData
+from datamodules.preference import PreferenceData
 from datamodules.pretrain import PretrainData
 
-__all__ = ["PretrainData"]
+__all__ = ["ChatData", "PreferenceData", "PretrainData"]

@@ -13,13 +13,22 @@ import sys
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from moxin_lightning.checkpoint_io import AtomicCheckpointIO
 from moxin_lightning.tasks.base import TrainingTask
 
-# errors that our checks raise with a one-line message saying what to do; anything else keeps its traceback
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+# errors that our checks (and Lightning's own config checks) raise with a one-line message saying what to do;
+# anything else keeps its traceback
+_USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    MisconfigurationException,
+)
 
 
 class MoxinCLI(LightningCLI):

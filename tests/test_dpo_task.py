@@ -61,6 +61,12 @@ class Pairs(L.LightningDataModule):
     def train_dataloader(self):
         return torch.utils.data.DataLoader(list(range(self.count)), batch_size=self.batch_size, collate_fn=collate)
 
+    def ordered_dataloader(self, split: str = "train"):
+        return self.train_dataloader()
+
+    def val_dataloader(self):
+        return []
+
 
 def dpo(**kwargs) -> DPO:
     settings = dict(preset="moxin-tiny-9m", model_overrides=TINY, lr=5e-3, warmup_steps=0, beta=0.5, seed=0)

@@ -51,7 +51,7 @@ class DPO(TrainingTask):
         self.beta, self.loss_type, self.reference_kind = beta, loss_type, reference
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "reference_logps"
         self._reference: Transformer | None = None  # kept out of the module tree: never saved, never trained
-        self._cached: torch.Tensor | None = None
+        self._cached: dict[str, torch.Tensor] = {}  # split -> (pairs, 2) reference log-probs of chosen, rejected
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -59,8 +59,12 @@ class DPO(TrainingTask):
             object.__setattr__(self, "_reference", self.build_model(trainable=False))
 
     def on_fit_start(self) -> None:
-        if self.reference_kind == "cache" and self._cached is None:
-            self._cached = self._cached_reference()
+        """Score the reference once per split, before the first step changes the policy (the reference)."""
+        if self.reference_kind != "cache" or self._cached:
+            return
+        data = self.trainer.datamodule
+        splits = ["train"] + (["val"] if len(data.val_dataloader()) else [])
+        self._cached = {split: self._cached_reference(data, split) for split in splits}
 
     # -- log-probs ------------------------------------------------------------------------------------------
 
@@ -77,8 +81,11 @@ class DPO(TrainingTask):
         return sums[:rows], sums[rows:], lengths[:rows], lengths[rows:]
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cached is not None:
-            table = self._cached.to(batch["pair_index"].device)[batch["pair_index"]]
+        if self.reference_kind == "cache":
+            split = "train" if self.training else "val"
+            if split not in self._cached:
+                raise ValueError(f"no cached reference log-probs for the {split} pairs; DPO scores them at fit start")
+            table = self._cached[split].to(batch["pair_index"].device)[batch["pair_index"]]
             return table[:, 0], table[:, 1]
         with torch.no_grad():
             chosen, rejected, _, _ = self.pair_logps(self._reference, batch)
@@ -113,27 +120,28 @@ class DPO(TrainingTask):
 
     # -- the cached reference ------------------------------------------------------------------------------
 
-    def _cache_key(self, data: Any) -> str:
-        """Hash of the starting weights (this is called before the first step) and of the tokenized data."""
+    def _cache_key(self, data_fingerprint: str) -> str:
+        """Hash of the starting weights (this runs before the first step) and of the tokenized pairs, which
+        covers the chat template, the maximum length and the tokenizer."""
         state = self.full_state_dict()
         digest = hashlib.sha256()
         for name in sorted(state):
             digest.update(name.encode())
             digest.update(state[name].float().numpy().tobytes())
-        digest.update(str(data.fingerprint).encode())
+        digest.update(str(data_fingerprint).encode())
         key = digest.hexdigest()[:24] if state else ""
         return self.trainer.strategy.broadcast(key)
 
-    def _cached_reference(self) -> torch.Tensor:
-        data = self.trainer.datamodule
-        path = self.cache_dir / f"{self._cache_key(data)}.pt"
+    def _cached_reference(self, data: Any, split: str) -> torch.Tensor:
+        fingerprint = data.split_fingerprint(split) if hasattr(data, "split_fingerprint") else data.fingerprint
+        path = self.cache_dir / f"{self._cache_key(fingerprint)}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
         scores: dict[int, tuple[float, float]] = {}
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            for batch in data.train_dataloader():  # every pair, on every rank (not split by the sampler)
+            for batch in data.ordered_dataloader(split):  # every pair of the split, on every rank
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
                 chosen, rejected, _, _ = self.pair_logps(self.model, batch)
                 for index, c, r in zip(batch["pair_index"].tolist(), chosen.tolist(), rejected.tolist(), strict=True):

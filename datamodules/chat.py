@@ -1,0 +1,523 @@
+"""`ChatData`: conversations in Tülu 3 `messages` form, tokenized with a chat template, packed into training rows.
+
+Records come from .jsonl / .parquet files (paths, globs, folders or fsspec URLs, compressed .jsonl too, as
+`prepare --input` names them) holding a `messages` field, or from a built-in chat corpus (`builtin-chat:pydoc`,
+`builtin-chat:arithmetic?count=2000`, see `moxin_lightning.data.builtin_chat`). Each record is
+`{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}`.
+
+A conversation is encoded by the template (ids, and which ids are the assistant's), cut to `max_length` tokens,
+and trained only on the assistant's tokens: `labels[t] = input_ids[t + 1]` where that next token is the
+assistant's, -100 elsewhere. A record that cannot be used (bad shape, unknown role, no assistant turn, or no
+assistant token left within `max_length`) is skipped and counted under its reason, never trained on silently.
+
+With `pack`, whole conversations are packed greedily into rows of `max_length` tokens; `doc_ids` tell the model
+where each conversation starts (attention never crosses one) and `positions` restart at 0, so a packed row gives
+every conversation exactly the log-probs it would get alone. SFT is epoch-based: the rows are fixed at `setup`
+and each epoch visits them in an order drawn from (seed, epoch); with several processes Lightning wraps that
+order in a distributed sampler, so the processes split every epoch's rows between them.
+
+Everything is read and tokenized in `setup`, in memory (flat int32 arrays), on every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules.pretrain import FixedBatches
+from moxin_lightning.data.builtin_chat import NAMES as BUILTIN_NAMES
+from moxin_lightning.data.builtin_chat import PREFIX as BUILTIN_CHAT
+from moxin_lightning.data.builtin_chat import records_of
+from moxin_lightning.data.sources import BAD_JSON, INVALID_UTF8, NOT_AN_OBJECT, DataError, expand_input, split_name
+from moxin_lightning.tokenizers import Tokenizer
+from moxin_lightning.tokenizers.chat import ASSISTANT, ROLES, TULU, ChatTemplate
+
+IGNORE_INDEX = -100
+MESSAGES = "messages"
+# Why a record was not trained on; `ChatData.skipped` counts skips under exactly these strings.
+MISSING_MESSAGES = "missing messages"
+BAD_MESSAGES = "messages not a non-empty list of {role, content: str}"
+UNKNOWN_ROLE = "unknown role"
+NO_ASSISTANT = "no assistant turn"
+TRUNCATED = "no assistant token within max_length"
+_MAX_EXAMPLES = 5
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """One record: its messages, or the reason it cannot be used (`skip`). `where` locates it."""
+
+    where: str
+    messages: list[dict[str, Any]] | None = None
+    skip: str | None = None
+
+
+def messages_problem(messages: Any) -> str | None:
+    """Why `messages` is not a usable conversation, or None."""
+    if messages is None:
+        return MISSING_MESSAGES
+    if not isinstance(messages, list) or not messages:
+        return BAD_MESSAGES
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return BAD_MESSAGES
+        if message.get("role") not in ROLES:
+            return UNKNOWN_ROLE
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            return INVALID_UTF8
+    if not any(message["role"] == ASSISTANT for message in messages):
+        return NO_ASSISTANT
+    return None
+
+
+def checked_record(where: str, value: Any) -> ChatRecord:
+    if not isinstance(value, dict):
+        return ChatRecord(where, skip=NOT_AN_OBJECT)
+    problem = messages_problem(value.get(MESSAGES))
+    return ChatRecord(where, skip=problem) if problem else ChatRecord(where, messages=value[MESSAGES])
+
+
+def read_chat_records(spec: str) -> Iterator[ChatRecord]:
+    """Every record one `train` / `val` entry names, in a fixed order (glob matches sorted)."""
+    if spec.startswith(BUILTIN_CHAT):
+        for index, record in enumerate(records_of(spec)):
+            yield checked_record(f"{spec}#{index}", record)
+        return
+    if spec.startswith("builtin:"):
+        choices = " or ".join(BUILTIN_CHAT + name for name in BUILTIN_NAMES)
+        raise DataError(f"{spec} is plain text for pretraining; the built-in chat corpora are {choices}")
+    for source in expand_input(spec):
+        yield from _read_file(source.path)
+
+
+def _read_file(path: str) -> Iterator[ChatRecord]:
+    import fsspec
+
+    kind, _ = split_name(path)
+    if kind == ".txt":
+        raise DataError(f"{path} is a .txt file; chat records need .jsonl or .parquet with a {MESSAGES!r} field")
+    try:
+        if kind == ".parquet":
+            yield from _parquet(path)
+            return
+        with fsspec.open(path, "rb", compression="infer") as data:
+            yield from _jsonl(path, data)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"cannot read {path}: {reason}; fix or remove the file") from None
+
+
+def _jsonl(path: str, data: Any) -> Iterator[ChatRecord]:
+    for number, line in enumerate(data, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield ChatRecord(where, skip=INVALID_UTF8)
+            continue
+        except json.JSONDecodeError:
+            yield ChatRecord(where, skip=BAD_JSON)
+            continue
+        yield checked_record(where, value)
+
+
+def _parquet(path: str) -> Iterator[ChatRecord]:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as raw:
+        table = pq.ParquetFile(raw)
+        if MESSAGES not in table.schema_arrow.names:
+            columns = ", ".join(table.schema_arrow.names)
+            raise DataError(f"{path} has no column {MESSAGES!r} (columns: {columns}); chat records need one")
+        row = 0
+        for batch in table.iter_batches(columns=[MESSAGES], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                yield checked_record(f"{path}#{row}", {MESSAGES: value})
+                row += 1
+
+
+def held_out(messages: list[dict[str, Any]], fraction: float) -> bool:
+    """Whether a conversation belongs to the validation split: a hash of its content, so the split does not
+    depend on file order, seed or the number of processes."""
+    if fraction <= 0:
+        return False
+    text = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") / 2**64 < fraction
+
+
+# ------------------------------------------------------------------------------------------------------ encoding
+
+
+@dataclass
+class SplitStats:
+    """What reading and encoding one split found."""
+
+    conversations: int = 0
+    truncated: int = 0  # kept, cut to max_length
+    tokens: int = 0
+    trained_tokens: int = 0  # labels that are not -100
+    rows: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_examples) < _MAX_EXAMPLES:
+            self.skipped_examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
+        skipped = f"skipped {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else "")
+        return (
+            f"{self.conversations} conversations ({self.truncated} truncated), {self.tokens} tokens "
+            f"({self.trained_tokens} trained) in {self.rows} rows; {skipped}"
+        )
+
+
+class EncodedChats:
+    """Encoded conversations back to back: `tokens` (int32), `trained` (bool) and `offsets` (conversation i is
+    tokens[offsets[i]:offsets[i + 1]]). Flat arrays keep a million conversations in a few bytes per token."""
+
+    def __init__(self) -> None:
+        self._tokens: list[np.ndarray] = []
+        self._trained: list[np.ndarray] = []
+        self.tokens = np.zeros(0, dtype=np.int32)
+        self.trained = np.zeros(0, dtype=bool)
+        self.offsets = np.zeros(1, dtype=np.int64)
+
+    def add(self, ids: list[int], trained: list[bool]) -> None:
+        self._tokens.append(np.asarray(ids, dtype=np.int32))
+        self._trained.append(np.asarray(trained, dtype=bool))
+
+    def finish(self) -> EncodedChats:
+        if self._tokens:
+            self.tokens = np.concatenate(self._tokens)
+            self.trained = np.concatenate(self._trained)
+            self.offsets = np.concatenate([[0], np.cumsum([len(t) for t in self._tokens])]).astype(np.int64)
+        self._tokens, self._trained = [], []
+        return self
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def conversation(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return self.tokens[start:end], self.trained[start:end]
+
+
+def trainable_tokens(trained: list[bool]) -> int:
+    """Labels a conversation yields: tokens that are the assistant's and have a token before them."""
+    return sum(trained[1:])
+
+
+class SplitEncoder:
+    """Encodes one split's records: template, truncation to `max_length`, counting. A record with no trainable
+    token left is skipped under `TRUNCATED`."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, max_length: int) -> None:
+        self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
+        self.chats, self.stats = EncodedChats(), SplitStats()
+
+    def add(self, record: ChatRecord) -> None:
+        if record.skip is not None or record.messages is None:
+            self.stats.skip(record.where, record.skip or MISSING_MESSAGES)
+            return
+        ids, trained = self.template.encode(self.tokenizer, record.messages)
+        truncated = len(ids) > self.max_length
+        ids, trained = ids[: self.max_length], trained[: self.max_length]
+        count = trainable_tokens(trained)
+        if count == 0:
+            self.stats.skip(record.where, TRUNCATED)
+            return
+        self.chats.add(ids, trained)
+        self.stats.truncated += truncated
+        self.stats.conversations += 1
+        self.stats.tokens += len(ids)
+        self.stats.trained_tokens += count
+
+
+def pack_rows(lengths: np.ndarray, max_length: int, order: np.ndarray | None = None) -> list[np.ndarray]:
+    """Greedy packing: conversations in `order` fill a row until the next one would not fit, which opens a new
+    row. Every conversation is at most `max_length` long, so each lands in exactly one row, whole."""
+    rows: list[list[int]] = []
+    used = max_length + 1  # forces a first row
+    for index in range(len(lengths)) if order is None else order:
+        if used + lengths[index] > max_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(int(index))
+        used += int(lengths[index])
+    return [np.asarray(row, dtype=np.int64) for row in rows]
+
+
+# ------------------------------------------------------------------------------------------------------- batches
+
+
+class ChatRows(Dataset):
+    """Map-style dataset: row i is the conversations `rows[i]` back to back, as numpy arrays (unpadded)."""
+
+    def __init__(self, chats: EncodedChats, rows: list[np.ndarray]) -> None:
+        self.chats, self.rows = chats, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        ids, labels, doc_ids, positions = [], [], [], []
+        for doc, conversation in enumerate(self.rows[index]):
+            tokens, trained = self.chats.conversation(int(conversation))
+            tokens = tokens.astype(np.int64)
+            target = np.full(len(tokens), IGNORE_INDEX, dtype=np.int64)
+            target[:-1] = np.where(trained[1:], tokens[1:], IGNORE_INDEX)  # the last token predicts nothing here
+            ids.append(tokens)
+            labels.append(target)
+            doc_ids.append(np.full(len(tokens), doc, dtype=np.int64))
+            positions.append(np.arange(len(tokens), dtype=np.int64))
+        return {
+            "input_ids": np.concatenate(ids),
+            "labels": np.concatenate(labels),
+            "doc_ids": np.concatenate(doc_ids),
+            "positions": np.concatenate(positions),
+        }
+
+
+class ChatCollator:
+    """Rows -> a batch of (B, T) long tensors, right-padded to `length` (None: the longest row).
+
+    Padding uses `pad_id`, labels -100, a `doc_ids` value of its own (it attends only to padding) and positions
+    counting from 0."""
+
+    def __init__(self, pad_id: int, length: int | None = None) -> None:
+        self.pad_id, self.length = pad_id, length
+
+    def __call__(self, rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        width = self.length or max(len(row["input_ids"]) for row in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
+            "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+            "doc_ids": torch.zeros((len(rows), width), dtype=torch.long),
+            "positions": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        for index, row in enumerate(rows):
+            size = len(row["input_ids"])
+            for key, values in row.items():
+                batch[key][index, :size] = torch.from_numpy(values)
+            batch["doc_ids"][index, size:] = int(row["doc_ids"][-1]) + 1
+            batch["positions"][index, size:] = torch.arange(width - size)
+        if not (batch["labels"] != IGNORE_INDEX).any():
+            raise ValueError("a chat batch has no assistant token to train on; every row should have at least one")
+        return batch
+
+
+class EpochShuffle(Sampler[int]):
+    """Row order of one epoch: a permutation drawn from (seed, epoch), the same on every process.
+
+    Lightning calls `set_epoch` each epoch, and with several processes wraps this sampler in its distributed
+    sampler, which gives process r every world_size-th index of this order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+# --------------------------------------------------------------------------------------------------- datamodule
+
+
+class ChatData(L.LightningDataModule):
+    """Batches {input_ids, labels, doc_ids, positions} of shape (batch_size, T) for supervised fine-tuning.
+
+    Args:
+        train: .jsonl / .parquet files, globs, folders or URLs with a `messages` field, or `builtin-chat:...`.
+        val: the same for validation; None: hold out `val_fraction` of `train` (by a hash of each conversation).
+        val_fraction: share of `train` held out when `val` is None (0: no validation).
+        tokenizer: the model's tokenizer (required).
+        template: lays a conversation out as tokens (default: Tülu's).
+        max_length: tokens per conversation (longer ones are cut) and per packed row.
+        pack: pack several conversations per row (rows of exactly `max_length`); else one per row, padded to the
+            longest in its batch.
+        batch_size: rows per batch (per process).
+        shuffle: visit the rows in a new order each epoch (drawn from seed + epoch), and pack in a seeded order.
+        seed: shuffling seed.
+        num_workers: DataLoader worker processes.
+        max_seq_len, vocab_size: limits to check against; taken from the task's `model_config` when attached.
+    """
+
+    def __init__(
+        self,
+        train: list[str],
+        val: list[str] | None = None,
+        val_fraction: float = 0.0,
+        tokenizer: Tokenizer | None = None,
+        template: ChatTemplate = TULU,
+        max_length: int = 4096,
+        pack: bool = True,
+        batch_size: int = 8,
+        shuffle: bool = True,
+        seed: int = 42,
+        num_workers: int = 0,
+        max_seq_len: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if tokenizer is None:
+            raise ValueError("ChatData needs the model's tokenizer: set data.tokenizer (e.g. a LocalTokenizer)")
+        if not train:
+            raise ValueError("ChatData needs at least one file, glob or builtin-chat: corpus in `train`")
+        if val is not None and val_fraction > 0:
+            raise ValueError(f"set either val files or val_fraction={val_fraction}, not both")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must be at least 2 (a token and the one it predicts)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.train_files, self.val_files, self.val_fraction = [str(t) for t in train], val, val_fraction
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length, self.pack = max_length, pack
+        self.batch_size, self.shuffle, self.seed, self.num_workers = batch_size, shuffle, seed, num_workers
+        self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
+        pad = tokenizer.pad_id
+        self.pad_id = pad if pad >= 0 else tokenizer.eos_id
+        self.datasets: dict[str, ChatRows] = {}
+        self.stats: dict[str, SplitStats] = {}
+
+    @property
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Skipped records per split ('train', 'val') and reason."""
+        return {split: dict(stats.skipped) for split, stats in self.stats.items()}
+
+    # -- setup --------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check_model()
+        if self.datasets:
+            return
+        encoders = {"train": SplitEncoder(self.tokenizer, self.template, self.max_length)}
+        if self.val_files is not None or self.val_fraction > 0:
+            encoders["val"] = SplitEncoder(self.tokenizer, self.template, self.max_length)
+        for record in self._records(self.train_files):
+            is_val = record.messages is not None and held_out(record.messages, self.val_fraction)
+            encoders["val" if is_val else "train"].add(record)
+        for record in self._records(self.val_files or []):
+            encoders["val"].add(record)
+        for split, encoder in encoders.items():
+            chats, stats = encoder.chats.finish(), encoder.stats
+            if len(chats) == 0:
+                raise ValueError(self._nothing_trainable(split, stats))
+            order = None
+            if self.pack and self.shuffle and split == "train":
+                order = np.random.default_rng(self.seed).permutation(len(chats))
+            if self.pack:
+                rows = pack_rows(chats.lengths, self.max_length, order)
+            else:
+                rows = [np.asarray([index]) for index in range(len(chats))]
+            stats.rows = len(rows)
+            self.datasets[split], self.stats[split] = ChatRows(chats, rows), stats
+        rank_zero_info(self.summary())
+
+    @staticmethod
+    def _records(specs: list[str]) -> Iterator[ChatRecord]:
+        for spec in specs:
+            yield from read_chat_records(spec)
+
+    def _nothing_trainable(self, split: str, stats: SplitStats) -> str:
+        if split == "train" or self.val_files is not None:
+            where = str(self.train_files if split == "train" else self.val_files)
+        else:
+            where = f"the val_fraction={self.val_fraction} share of {self.train_files}"
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats.skipped.items())) or "no records"
+        return (
+            f"no trainable conversation in {split} data {where} at max_length={self.max_length} (skipped: {reasons}); "
+            "check the files' messages or raise max_length"
+        )
+
+    def _check_model(self) -> None:
+        trainer = self.trainer
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        config = getattr(module, "model_config", None)
+        if config is not None:
+            self.max_seq_len = self.max_seq_len or config.max_seq_len
+            self.vocab_size = self.vocab_size or config.vocab_size
+        if self.max_seq_len is not None and self.max_length > self.max_seq_len:
+            raise ValueError(
+                f"max_length={self.max_length} exceeds the model's max_seq_len={self.max_seq_len}; lower max_length"
+            )
+        if self.vocab_size is not None and self.tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.vocab_size}; use the model's tokenizer"
+            )
+
+    def summary(self) -> str:
+        """One line: what each split holds and what was skipped, and why."""
+        splits = "; ".join(f"{split}: {stats.summary()}" for split, stats in self.stats.items())
+        layout = f"packed into rows of {self.max_length}" if self.pack else f"one per row, max_length {self.max_length}"
+        return f"ChatData ({self.template.name} template, {layout}) {splits}"
+
+    # -- loaders ------------------------------------------------------------------------------------------
+
+    def _dataset(self, split: str) -> ChatRows:
+        if not self.datasets:
+            self.setup()
+        return self.datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        rows = self._dataset("train")
+        return DataLoader(
+            rows,
+            batch_size=self.batch_size,
+            sampler=EpochShuffle(len(rows), self.seed) if self.shuffle else None,
+            collate_fn=ChatCollator(self.pad_id, self.max_length if self.pack else None),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | FixedBatches:
+        """The held-out rows in order; no validation (an empty loader) without `val` or `val_fraction`."""
+        if not self.datasets:
+            self.setup()
+        if "val" not in self.datasets:
+            return FixedBatches([])
+        return DataLoader(
+            self.datasets["val"],
+            batch_size=self.batch_size,
+            collate_fn=ChatCollator(self.pad_id, self.max_length if self.pack else None),
+            num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader | FixedBatches:
+        return self.val_dataloader()
