@@ -34,11 +34,13 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.checks import check_arguments, model_limits
 from datamodules.pretrain import FixedBatches
+from datamodules.skips import count_skip, nothing_usable, skip_summary
 from moxin_lightning.data.builtin_chat import NAMES as BUILTIN_NAMES
 from moxin_lightning.data.builtin_chat import PREFIX as BUILTIN_CHAT
 from moxin_lightning.data.builtin_chat import records_of
-from moxin_lightning.data.sources import BAD_JSON, INVALID_UTF8, NOT_AN_OBJECT, DataError, expand_input, split_name
+from moxin_lightning.data.sources import INVALID_UTF8, NOT_AN_OBJECT, DataError, read_objects
 from moxin_lightning.tokenizers import Tokenizer
 from moxin_lightning.tokenizers.chat import ASSISTANT, ROLES, TULU, ChatTemplate
 
@@ -50,7 +52,8 @@ BAD_MESSAGES = "messages not a non-empty list of {role, content: str}"
 UNKNOWN_ROLE = "unknown role"
 NO_ASSISTANT = "no assistant turn"
 TRUNCATED = "no assistant token within max_length"
-_MAX_EXAMPLES = 5
+_NOT_TEXT = "{path} is a .txt file; chat records need .jsonl or .parquet with a 'messages' field"
+_NO_MESSAGES = "{path} has no column 'messages' (columns: {columns}); chat records need one"
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -101,59 +104,11 @@ def read_chat_records(spec: str) -> Iterator[ChatRecord]:
     if spec.startswith("builtin:"):
         choices = " or ".join(BUILTIN_CHAT + name for name in BUILTIN_NAMES)
         raise DataError(f"{spec} is plain text for pretraining; the built-in chat corpora are {choices}")
-    for source in expand_input(spec):
-        yield from _read_file(source.path)
-
-
-def _read_file(path: str) -> Iterator[ChatRecord]:
-    import fsspec
-
-    kind, _ = split_name(path)
-    if kind == ".txt":
-        raise DataError(f"{path} is a .txt file; chat records need .jsonl or .parquet with a {MESSAGES!r} field")
-    try:
-        if kind == ".parquet":
-            yield from _parquet(path)
-            return
-        with fsspec.open(path, "rb", compression="infer") as data:
-            yield from _jsonl(path, data)
-    except DataError:
-        raise
-    except (OSError, EOFError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise DataError(f"cannot read {path}: {reason}; fix or remove the file") from None
-
-
-def _jsonl(path: str, data: Any) -> Iterator[ChatRecord]:
-    for number, line in enumerate(data, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            value = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            yield ChatRecord(where, skip=INVALID_UTF8)
-            continue
-        except json.JSONDecodeError:
-            yield ChatRecord(where, skip=BAD_JSON)
-            continue
-        yield checked_record(where, value)
-
-
-def _parquet(path: str) -> Iterator[ChatRecord]:
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(path, "rb") as raw:
-        table = pq.ParquetFile(raw)
-        if MESSAGES not in table.schema_arrow.names:
-            columns = ", ".join(table.schema_arrow.names)
-            raise DataError(f"{path} has no column {MESSAGES!r} (columns: {columns}); chat records need one")
-        row = 0
-        for batch in table.iter_batches(columns=[MESSAGES], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                yield checked_record(f"{path}#{row}", {MESSAGES: value})
-                row += 1
+    for found in read_objects(spec, (MESSAGES,), all_columns=False, not_text=_NOT_TEXT, missing=_NO_MESSAGES):
+        if found.value is None:
+            yield ChatRecord(found.where, skip=found.skip)
+        else:
+            yield checked_record(found.where, found.value)
 
 
 def held_out(messages: list[dict[str, Any]], fraction: float) -> bool:
@@ -181,16 +136,12 @@ class SplitStats:
     skipped_examples: list[str] = field(default_factory=list)
 
     def skip(self, where: str, reason: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.skipped_examples) < _MAX_EXAMPLES:
-            self.skipped_examples.append(f"{where}: {reason}")
+        count_skip(self.skipped, self.skipped_examples, where, reason)
 
     def summary(self) -> str:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
-        skipped = f"skipped {sum(self.skipped.values())}" + (f" ({reasons})" if reasons else "")
         return (
             f"{self.conversations} conversations ({self.truncated} truncated), {self.tokens} tokens "
-            f"({self.trained_tokens} trained) in {self.rows} rows; {skipped}"
+            f"({self.trained_tokens} trained) in {self.rows} rows; {skip_summary(self.skipped)}"
         )
 
 
@@ -392,18 +343,18 @@ class ChatData(L.LightningDataModule):
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()
-        if tokenizer is None:
-            raise ValueError("ChatData needs the model's tokenizer: set data.tokenizer (e.g. a LocalTokenizer)")
-        if not train:
-            raise ValueError("ChatData needs at least one file, glob or builtin-chat: corpus in `train`")
-        if val is not None and val_fraction > 0:
-            raise ValueError(f"set either val files or val_fraction={val_fraction}, not both")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-        if max_length < 2:
-            raise ValueError(f"max_length={max_length} must be at least 2 (a token and the one it predicts)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        check_arguments(
+            "ChatData",
+            train,
+            val,
+            val_fraction,
+            tokenizer,
+            max_length,
+            batch_size,
+            inputs="file, glob or builtin-chat: corpus",
+            two_tokens="a token and the one it predicts",
+        )
+        assert tokenizer is not None  # checked above; tells the type checker
         self.train_files, self.val_files, self.val_fraction = [str(t) for t in train], val, val_fraction
         self.tokenizer = tokenizer
         self.template = template
@@ -423,7 +374,9 @@ class ChatData(L.LightningDataModule):
     # -- setup --------------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        self._check_model()
+        self.max_seq_len, self.vocab_size = model_limits(
+            self.trainer, self.max_length, self.tokenizer, self.max_seq_len, self.vocab_size
+        )
         if self.datasets:
             return
         encoders = {"train": SplitEncoder(self.tokenizer, self.template, self.max_length)}
@@ -455,32 +408,16 @@ class ChatData(L.LightningDataModule):
             yield from read_chat_records(spec)
 
     def _nothing_trainable(self, split: str, stats: SplitStats) -> str:
-        if split == "train" or self.val_files is not None:
-            where = str(self.train_files if split == "train" else self.val_files)
-        else:
-            where = f"the val_fraction={self.val_fraction} share of {self.train_files}"
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats.skipped.items())) or "no records"
-        return (
-            f"no trainable conversation in {split} data {where} at max_length={self.max_length} (skipped: {reasons}); "
-            "check the files' messages or raise max_length"
+        return nothing_usable(
+            usable="trainable conversation",
+            check="the files' messages",
+            split=split,
+            train=self.train_files,
+            val=self.val_files,
+            val_fraction=self.val_fraction,
+            max_length=self.max_length,
+            skipped=stats.skipped,
         )
-
-    def _check_model(self) -> None:
-        trainer = self.trainer
-        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        config = getattr(module, "model_config", None)
-        if config is not None:
-            self.max_seq_len = self.max_seq_len or config.max_seq_len
-            self.vocab_size = self.vocab_size or config.vocab_size
-        if self.max_seq_len is not None and self.max_length > self.max_seq_len:
-            raise ValueError(
-                f"max_length={self.max_length} exceeds the model's max_seq_len={self.max_seq_len}; lower max_length"
-            )
-        if self.vocab_size is not None and self.tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
-                f"{self.vocab_size}; use the model's tokenizer"
-            )
 
     def summary(self) -> str:
         """One line: what each split holds and what was skipped, and why."""

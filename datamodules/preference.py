@@ -27,7 +27,6 @@ tokens a reply starts with: none for Tülu's template, whose generation prompt h
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,10 +40,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.chat import EpochShuffle, held_out
+from datamodules.checks import check_arguments, model_limits
 from datamodules.pretrain import FixedBatches
+from datamodules.skips import count_skip, nothing_usable, skip_summary
 from moxin_lightning.data.builtin_chat import DEFAULT_ARITHMETIC_COUNT, arithmetic_problem, wrong_solution
 from moxin_lightning.data.builtin_chat import PREFIX as BUILTIN_CHAT
-from moxin_lightning.data.sources import BAD_JSON, INVALID_UTF8, NOT_AN_OBJECT, DataError, expand_input, split_name
+from moxin_lightning.data.sources import BAD_JSON as BAD_JSON  # re-exported: the skips of a record
+from moxin_lightning.data.sources import INVALID_UTF8, DataError, ObjectRecord, read_objects
+from moxin_lightning.data.sources import NOT_AN_OBJECT as NOT_AN_OBJECT
 from moxin_lightning.losses import IGNORE_INDEX
 from moxin_lightning.tokenizers import Tokenizer
 from moxin_lightning.tokenizers.chat import ASSISTANT, ROLES, TULU, ChatTemplate
@@ -58,7 +61,8 @@ NO_PROMPT = "no prompt"
 UNKNOWN_ROLE = "unknown role"
 NOT_ASSISTANT = "response does not start with an assistant turn"
 NO_RESPONSE_TOKEN = "no response token within max_length"
-_MAX_EXAMPLES = 5  # skipped-record locations kept, to find them again
+_NOT_TEXT = "{path} is a .txt file; preference records must be .jsonl or .parquet"
+_NO_PAIRS = "{path} has no 'chosen' and 'rejected' columns (columns: {columns}); it holds no pairs"
 
 Messages = list[dict[str, str]]
 
@@ -248,13 +252,7 @@ class EncodedPairs:
 # -- reading ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Row:
-    """One record of an input: an object, or the reason it is not one. `where` locates it."""
-
-    where: str
-    value: dict[str, Any] | None = None
-    skip: str | None = None
+Row = ObjectRecord  # one record of an input: an object, or the reason it is not one
 
 
 def read_rows(spec: str) -> Iterator[Row]:
@@ -264,53 +262,7 @@ def read_rows(spec: str) -> Iterator[Row]:
         return
     if spec.startswith(("builtin:", BUILTIN_CHAT)):
         raise DataError(f"{spec} holds no preference pairs; the built-in pairs are {BUILTIN_PAIRS}arithmetic?count=N")
-    for source in expand_input(spec):
-        kind, _ = split_name(source.path)
-        if kind == ".txt":
-            raise DataError(f"{source.path} is a .txt file; preference records must be .jsonl or .parquet")
-        try:
-            yield from _parquet_rows(source.path) if kind == ".parquet" else _jsonl_rows(source.path)
-        except DataError:
-            raise
-        except (OSError, EOFError, ValueError) as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise DataError(f"cannot read {source.path}: {reason}; fix or remove the file") from None
-
-
-def _jsonl_rows(path: str) -> Iterator[Row]:
-    import fsspec
-
-    with fsspec.open(path, "rb", compression="infer") as data:
-        for number, line in enumerate(data, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                value = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield Row(where, skip=INVALID_UTF8)
-                continue
-            except json.JSONDecodeError:
-                yield Row(where, skip=BAD_JSON)
-                continue
-            yield Row(where, value) if isinstance(value, dict) else Row(where, skip=NOT_AN_OBJECT)
-
-
-def _parquet_rows(path: str) -> Iterator[Row]:
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(path, "rb") as raw:
-        table = pq.ParquetFile(raw)
-        names = table.schema_arrow.names
-        if "chosen" not in names or "rejected" not in names:
-            columns = ", ".join(names)
-            raise DataError(f"{path} has no 'chosen' and 'rejected' columns (columns: {columns}); it holds no pairs")
-        row = 0
-        for batch in table.iter_batches(batch_size=1024):
-            for value in batch.to_pylist():
-                yield Row(f"{path}#{row}", value)
-                row += 1
+    yield from read_objects(spec, ("chosen", "rejected"), all_columns=True, not_text=_NOT_TEXT, missing=_NO_PAIRS)
 
 
 def builtin_rows(spec: str) -> Iterator[Row]:
@@ -407,18 +359,18 @@ class PreferenceData(L.LightningDataModule):
         vocab_size: int | None = None,
     ) -> None:
         super().__init__()
-        if tokenizer is None:
-            raise ValueError("PreferenceData needs the model's tokenizer: set data.tokenizer (e.g. a LocalTokenizer)")
-        if not train:
-            raise ValueError("PreferenceData needs at least one file, glob or builtin-pairs: input in `train`")
-        if val is not None and val_fraction > 0:
-            raise ValueError(f"set either val files or val_fraction={val_fraction}, not both")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-        if max_length < 2:
-            raise ValueError(f"max_length={max_length} must be at least 2 (a prompt token and a response token)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        check_arguments(
+            "PreferenceData",
+            train,
+            val,
+            val_fraction,
+            tokenizer,
+            max_length,
+            batch_size,
+            inputs="file, glob or builtin-pairs: input",
+            two_tokens="a prompt token and a response token",
+        )
+        assert tokenizer is not None  # checked above; tells the type checker
         self.train_files, self.val_files, self.val_fraction = [str(t) for t in train], val, val_fraction
         self.tokenizer, self.template = tokenizer, template
         self.max_length, self.pad_to_max_length = max_length, pad_to_max_length
@@ -433,7 +385,9 @@ class PreferenceData(L.LightningDataModule):
     # -- setup --------------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        self._check_model()
+        self.max_seq_len, self.vocab_size = model_limits(
+            self.trainer, self.max_length, self.tokenizer, self.max_seq_len, self.vocab_size
+        )
         if self.datasets:
             return
         splits = ["train"] + (["val"] if self.val_files is not None or self.val_fraction > 0 else [])
@@ -458,44 +412,25 @@ class PreferenceData(L.LightningDataModule):
         rank_zero_info(self.summary())
 
     def _skip(self, split: str, where: str, reason: str) -> None:
-        self.skipped[split][reason] += 1
-        if len(self.skipped_examples[split]) < _MAX_EXAMPLES:
-            self.skipped_examples[split].append(f"{where}: {reason}")
+        count_skip(self.skipped[split], self.skipped_examples[split], where, reason)
 
     def _nothing_usable(self, split: str) -> str:
-        if split == "train" or self.val_files is not None:
-            where = str(self.train_files if split == "train" else self.val_files)
-        else:
-            where = f"the val_fraction={self.val_fraction} share of {self.train_files}"
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped[split].items())) or "no records"
-        return (
-            f"no usable preference pair in {split} data {where} at max_length={self.max_length} (skipped: {reasons}); "
-            "check the records' prompt/chosen/rejected fields or raise max_length"
+        return nothing_usable(
+            usable="usable preference pair",
+            check="the records' prompt/chosen/rejected fields",
+            split=split,
+            train=self.train_files,
+            val=self.val_files,
+            val_fraction=self.val_fraction,
+            max_length=self.max_length,
+            skipped=self.skipped[split],
         )
-
-    def _check_model(self) -> None:
-        trainer = self.trainer
-        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        config = getattr(module, "model_config", None)
-        if config is not None:
-            self.max_seq_len = self.max_seq_len or config.max_seq_len
-            self.vocab_size = self.vocab_size or config.vocab_size
-        if self.max_seq_len is not None and self.max_length > self.max_seq_len:
-            raise ValueError(
-                f"max_length={self.max_length} exceeds the model's max_seq_len={self.max_seq_len}; lower max_length"
-            )
-        if self.vocab_size is not None and self.tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
-                f"{self.vocab_size}; use the model's tokenizer"
-            )
 
     def summary(self) -> str:
         """One line: pairs per split, how many were cut, what was skipped and why."""
         parts = []
         for split, dataset in self.datasets.items():
-            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped[split].items()))
-            skipped = f"skipped {sum(self.skipped[split].values())}" + (f" ({reasons})" if reasons else "")
+            skipped = skip_summary(self.skipped[split])
             parts.append(f"{split}: {len(dataset)} pairs ({dataset.pairs.truncated} cut); {skipped}")
         return f"PreferenceData ({self.template.name} template, max_length {self.max_length}) " + "; ".join(parts)
 

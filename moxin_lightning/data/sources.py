@@ -15,6 +15,9 @@ Formats, by file name (a `.gz`, `.bz2`, `.xz` or `.zst` suffix on `.txt`/`.jsonl
   * `.txt`     one document per file, the whole file;
   * `.jsonl`   one JSON object per line, the document in field `text_key`; blank lines are not records;
   * `.parquet` one document per row, column `text_key`.
+
+Structured records (chat conversations, preference pairs) come from the same inputs as whole JSON objects through
+`read_objects`, which judges a `.jsonl` line by the same rules (`json_objects`) and skips under the same reasons.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import io
 import json
 import lzma
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -215,30 +218,17 @@ class FileSource:
         except DataError:
             raise
         except (OSError, EOFError, lzma.LZMAError, ValueError) as error:
-            raise DataError(f"cannot read {self.path}: {_one_line(error)}; fix or remove the file") from None
+            raise _unreadable(self.path, error) from None
 
     def _txt(self, data: IO[bytes]) -> Iterator[Record]:
         yield decoded(self.path, data.read())
 
     def _jsonl(self, data: IO[bytes]) -> Iterator[Record]:
-        for number, line in enumerate(data, start=1):
-            if not line.strip():
-                continue
-            where = f"{self.path}:{number}"
-            try:
-                line_text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                yield Record(where, skip=INVALID_UTF8)
-                continue
-            try:
-                value = json.loads(line_text)
-            except json.JSONDecodeError:
-                yield Record(where, skip=BAD_JSON)
-                continue
-            if not isinstance(value, dict):
-                yield Record(where, skip=NOT_AN_OBJECT)
-                continue
-            yield checked(where, value.get(self.text_key))
+        for found in json_objects(self.path, data):
+            if found.value is None:
+                yield Record(found.where, skip=found.skip)
+            else:
+                yield checked(found.where, found.value.get(self.text_key))
 
     def _parquet(self, raw: IO[bytes], stats: SourceStats) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -258,9 +248,10 @@ class FileSource:
                 row += 1
 
 
-def _one_line(error: BaseException) -> str:
+def _unreadable(path: str, error: BaseException) -> DataError:
+    """The one-line error for a file that cannot be read at all, naming it and the fix."""
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return DataError(f"cannot read {path}: {text[0] if text else type(error).__name__}; fix or remove the file")
 
 
 def expand_input(spec: str, text_key: str = "text") -> list[Source]:
@@ -306,3 +297,83 @@ def _supported(path: str) -> bool:
     except DataError:
         return False
     return True
+
+
+# ------------------------------------------------------------------------------------- whole JSON objects
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """One record of a structured input: a JSON object (`value`) or a skip (`skip` holds the reason). `where`
+    locates it, as for `Record`."""
+
+    where: str
+    value: dict[str, Any] | None = None
+    skip: str | None = None
+
+
+def json_objects(path: str, lines: Iterable[bytes]) -> Iterator[ObjectRecord]:
+    """The objects of a `.jsonl` stream, one per non-blank line, or the reason a line holds none. `prepare` and the
+    chat datamodules all read lines through this, so a line is skipped under the same reason everywhere."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield ObjectRecord(where, skip=INVALID_UTF8)
+            continue
+        except json.JSONDecodeError:
+            yield ObjectRecord(where, skip=BAD_JSON)
+            continue
+        yield ObjectRecord(where, value) if isinstance(value, dict) else ObjectRecord(where, skip=NOT_AN_OBJECT)
+
+
+def read_objects(
+    spec: str, needs: tuple[str, ...], *, all_columns: bool, not_text: str, missing: str
+) -> Iterator[ObjectRecord]:
+    """Every JSON object one file input names (a path, glob, folder or URL, as for `prepare --input`, not a
+    `builtin:` one: callers say which built-ins they take), in a fixed order.
+
+    A `.jsonl` file gives one object per line (compressed ones decompressed by fsspec); a `.parquet` file one per
+    row, holding its columns `needs`, or every column with `all_columns`. A `.txt` file raises DataError
+    `not_text` and a parquet file without a column of `needs` raises DataError `missing`, both formatted with the
+    file's `path` (and `missing` with its `columns`), so each caller names what its records need.
+    """
+    for source in expand_input(spec):
+        kind, _ = split_name(source.path)
+        if kind == ".txt":
+            raise DataError(not_text.format(path=source.path))
+        try:
+            if kind == ".parquet":
+                yield from _parquet_objects(source.path, needs, all_columns, missing)
+            else:
+                yield from _jsonl_objects(source.path)
+        except DataError:
+            raise
+        except (OSError, EOFError, lzma.LZMAError, ValueError) as error:
+            raise _unreadable(source.path, error) from None
+
+
+def _jsonl_objects(path: str) -> Iterator[ObjectRecord]:
+    import fsspec
+
+    with fsspec.open(path, "rb", compression="infer") as data:
+        yield from json_objects(path, data)
+
+
+def _parquet_objects(path: str, needs: tuple[str, ...], all_columns: bool, missing: str) -> Iterator[ObjectRecord]:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as raw:
+        table = pq.ParquetFile(raw)
+        names = table.schema_arrow.names
+        if any(column not in names for column in needs):
+            raise DataError(missing.format(path=path, columns=", ".join(names)))
+        row = 0
+        for batch in table.iter_batches(columns=None if all_columns else list(needs), batch_size=1024):
+            for value in batch.to_pylist():
+                yield ObjectRecord(f"{path}#{row}", value)
+                row += 1
