@@ -480,7 +480,16 @@ class PreferenceData(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | FixedBatches:
         return self.val_dataloader()
 
-    def ordered_dataloader(self, split: str = "train") -> DataLoader:
-        """A split's pairs in pair_index order, neither shuffled nor split between processes (Lightning adds
-        its distributed sampler only to the loaders it asks for): e.g. to fill a reference-log-prob cache."""
-        return self._loader(self._dataset(split), shuffle=False)
+    def pair_count(self, split: str = "train") -> int:
+        return len(self._dataset(split))
+
+    def ordered_dataloader(self, split: str = "train", rank: int = 0, world_size: int = 1) -> DataLoader:
+        """A split's pairs in pair_index order, not shuffled (e.g. to fill a reference-log-prob cache); with
+        `world_size` > 1, process `rank`'s share: pairs rank, rank + world_size, ..., the last one repeated so that
+        every process runs as many batches (sharded models need all processes in each forward)."""
+        dataset = self._dataset(split)
+        if world_size == 1:
+            return self._loader(dataset, shuffle=False)
+        share = list(range(rank, len(dataset), world_size)) or [len(dataset) - 1]
+        share += share[-1:] * (-(-len(dataset) // world_size) - len(share))
+        return self._loader(torch.utils.data.Subset(dataset, share), shuffle=False)

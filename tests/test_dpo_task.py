@@ -61,8 +61,11 @@ class Pairs(L.LightningDataModule):
     def train_dataloader(self):
         return torch.utils.data.DataLoader(list(range(self.count)), batch_size=self.batch_size, collate_fn=collate)
 
-    def ordered_dataloader(self, split: str = "train"):
+    def ordered_dataloader(self, split: str = "train", rank: int = 0, world_size: int = 1):
         return self.train_dataloader()
+
+    def pair_count(self, split: str = "train") -> int:
+        return self.count
 
     def val_dataloader(self):
         return []

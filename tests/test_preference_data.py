@@ -339,3 +339,15 @@ def test_builtin_arithmetic_pairs_are_deterministic_correct_versus_wrong():
         assert question in tokenizer.decode(item["chosen_input_ids"].tolist())
     with pytest.raises(ValueError, match="unknown builtin-pairs:pydoc"):
         make("builtin-pairs:pydoc")
+
+
+def test_ordered_shares_of_several_processes_cover_every_pair_with_equal_batch_counts(tmp_path):
+    data = loaded(tmp_path, pairs(7), batch_size=2)
+    assert data.pair_count() == 7
+    shares = [
+        [i for batch in data.ordered_dataloader(rank=rank, world_size=3) for i in batch["pair_index"].tolist()]
+        for rank in range(3)
+    ]
+    assert shares == [[0, 3, 6], [1, 4, 4], [2, 5, 5]]  # padded with the share's last pair: 3 forwards each
+    assert sorted(set(sum(shares, []))) == list(range(7))
+    assert [i for b in data.ordered_dataloader() for i in b["pair_index"].tolist()] == list(range(7))

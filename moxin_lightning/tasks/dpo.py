@@ -137,19 +137,21 @@ class DPO(TrainingTask):
         path = self.cache_dir / f"{self._cache_key(fingerprint)}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
-        scores: dict[int, tuple[float, float]] = {}
+        table = torch.full((data.pair_count(split), 2), float("nan"), device=self.device)
         was_training = self.model.training
         self.model.eval()
+        world, rank = self.trainer.world_size, self.trainer.global_rank
         with torch.no_grad():
-            for batch in data.ordered_dataloader(split):  # every pair of the split, on every rank
+            for batch in data.ordered_dataloader(split, rank=rank, world_size=world):  # this process's share
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
                 chosen, rejected, _, _ = self.pair_logps(self.model, batch)
-                for index, c, r in zip(batch["pair_index"].tolist(), chosen.tolist(), rejected.tolist(), strict=True):
-                    scores[index] = (c, r)
+                table[batch["pair_index"]] = torch.stack([chosen, rejected], dim=1).float()
         self.model.train(was_training)
-        table = torch.full((max(scores) + 1, 2), float("nan"))
-        for index, pair in scores.items():
-            table[index] = torch.tensor(pair)
+        if world > 1:  # every pair was scored by one process (or two, identically, where shares were padded)
+            table = self.all_gather(table).nanmean(dim=0)
+        table = table.cpu()
+        if torch.isnan(table).any():
+            raise ValueError(f"reference log-probs are missing for some {split} pairs; the data loader skipped them")
         if self.trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(path)
