@@ -1,4 +1,4 @@
-"""LightningDataModules of the recipe (pretraining shards; chat, preference pairs and prompts to come).
+"""LightningDataModules of the recipe (pretraining shards; chat, preference pairs and prompts).
 
 A top-level package, shipped beside `moxin_lightning`; it may import `moxin_lightning`, never the reverse.
 """
@@ -6,5 +6,6 @@ A top-level package, shipped beside `moxin_lightning`; it may import `moxin_ligh
 from datamodules.chat import ChatData
 from datamodules.preference import PreferenceData
 from datamodules.pretrain import PretrainData
+from datamodules.prompts import PromptData
 
-__all__ = ["ChatData", "PreferenceData", "PretrainData"]
+__all__ = ["ChatData", "PreferenceData", "PretrainData", "PromptData"]

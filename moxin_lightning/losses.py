@@ -8,7 +8,9 @@ zero-filled NLL gradient, each tokens x vocab floats: with Moxin's 32K vocabular
 is a large share of a training step.
 
 `token_logprobs` gives each target's log-probability (DPO, GRPO) without keeping the logits for backward, and
-`dpo_loss` holds the DPO-family objectives (equal to TRL's on the same log-probs; see tests/test_dpo_loss.py).
+`dpo_loss` holds the DPO-family objectives (equal to TRL's on the same log-probs; see tests/test_dpo_loss.py);
+`group_advantages` and `grpo_loss` hold GRPO's advantages and clipped surrogate (equal to TRL's GRPOTrainer; see
+tests/test_grpo_loss.py).
 """
 
 from __future__ import annotations
@@ -244,3 +246,137 @@ class _TokenLogprobs(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+ADVANTAGE_SCALES = ("group_std", "batch_std", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: str = "group_std", eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO's group-relative advantages: each reward minus the mean of its group, optionally over a std.
+
+    rewards (N,) hold consecutive groups of `group_size` completions of the same prompt. The group mean is
+    the baseline (GRPO needs no value model). `scale` divides by the group's std (`group_std`, DeepSeekMath),
+    the whole batch's std (`batch_std`, "Tricks or Traps" / TRL's "batch") or nothing (`none`, Dr. GRPO:
+    dividing by a per-group std up-weights prompts that are nearly always solved or failed).
+    Stds are unbiased (Bessel) and `eps` is added to the std, not the variance, exactly as TRL 1.16's
+    GRPOTrainer does, so a group whose rewards are all equal gets advantage 0, never a division by zero.
+    A single completion has no spread: its std counts as 0.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}: choose one of {', '.join(ADVANTAGE_SCALES)}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be a (N,) vector, got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of {group_size}: pass whole groups of completions"
+        )
+    rewards = rewards if rewards.is_floating_point() else rewards.float()  # 0/1 correctness rewards may be ints
+    groups = rewards.view(-1, group_size)
+    advantages = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "none":
+        return advantages
+    if scale == "group_std":
+        spread = rewards.new_zeros(()) if group_size == 1 else groups.std(dim=1, keepdim=True).expand_as(groups)
+    else:
+        spread = rewards.new_zeros(()) if rewards.numel() == 1 else rewards.std()
+    return advantages / (spread.reshape(-1) + eps)
+
+
+GRPO_LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    loss_agg: str = "token_mean",
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped GRPO surrogate with an optional k3 KL penalty, as (loss_sum, count, stats).
+
+    logps, old_logps, ref_logps, mask: (B, T) per completion token (policy now, policy that sampled, frozen
+    reference; mask 1 where a token is scored); advantages (B,), one per completion. Per token, with
+    ratio = exp(logps - old_logps) and A the completion's advantage:
+
+        loss = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * kl
+        kl   = exp(ref - logps) - (ref - logps) - 1          (k3: unbiased, always >= 0)
+
+    WHY a (sum, count) pair: the task base divides the gradient of the summed loss_sum by the count summed
+    over the whole optimizer step (micro-batches and ranks), so the result does not depend on how rollouts
+    are split. Each `loss_agg` picks the pair whose global ratio is its published objective:
+
+        token_mean               (DAPO)        sum of token losses              / number of tokens
+        seq_mean_token_mean      (GRPO)        sum of each sequence's token mean / number of sequences
+        seq_mean_token_sum_norm  (Dr. GRPO)    sum of token losses / max_completion_length / number of sequences
+
+    On one micro-batch these equal TRL 1.16's "dapo" (and "bnpo"), "grpo" and "dr_grpo" losses, values and
+    gradients (tests/test_grpo_loss.py). Every row counts as a sequence, even one with no scored token, as in TRL.
+    stats (detached means over scored tokens): ratio_mean, clip_fraction_low (ratio below 1 - clip_low with
+    A < 0: the clipped term is the active one), clip_fraction_high (above 1 + clip_high with A > 0),
+    clip_fraction (either), kl (when beta > 0), and tokens (their number, to weight means across micro-batches).
+    """
+    if loss_agg not in GRPO_LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown GRPO loss_agg {loss_agg!r}: choose one of {', '.join(GRPO_LOSS_AGGREGATIONS)}")
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be (batch, completion_tokens), got shape {tuple(logps.shape)}")
+    for name, tensor in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(logps.shape)} like logps")
+    if tuple(advantages.shape) != (logps.shape[0],):
+        raise ValueError(f"advantages must be ({logps.shape[0]},), one per completion, got {tuple(advantages.shape)}")
+    if beta < 0:
+        raise ValueError(f"GRPO beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logps is None:
+        raise ValueError(f"beta={beta} needs ref_logps (the frozen reference's token log-probs); or set beta=0")
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"clip_low must lie in [0, 1) and clip_high be >= 0, got {clip_low} and {clip_high}")
+    if loss_agg == "seq_mean_token_sum_norm" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError(
+            f"loss_agg 'seq_mean_token_sum_norm' needs max_completion_length >= 1 (its constant normaliser), "
+            f"got {max_completion_length}"
+        )
+    scored = mask != 0
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    if beta > 0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+    masked = per_token * mask
+    n_sequences = torch.tensor(logps.shape[0], device=logps.device)
+    if loss_agg == "token_mean":
+        loss_sum, count = masked.sum(), scored.sum()
+    elif loss_agg == "seq_mean_token_mean":
+        loss_sum, count = (masked.sum(-1) / scored.sum(-1).clamp(min=1)).sum(), n_sequences
+    else:
+        loss_sum, count = masked.sum() / max_completion_length, n_sequences
+
+    with torch.no_grad():
+        tokens = scored.sum()
+        stats_dtype = torch.promote_types(logps.dtype, torch.float32)
+
+        def token_mean(values: torch.Tensor) -> torch.Tensor:
+            return values.to(stats_dtype)[scored].sum() / tokens.clamp(min=1)
+
+        low = (ratio < 1 - clip_low) & (advantages < 0)
+        high = (ratio > 1 + clip_high) & (advantages > 0)
+        stats = {
+            "ratio_mean": token_mean(ratio),
+            "clip_fraction_low": token_mean(low),
+            "clip_fraction_high": token_mean(high),
+            "clip_fraction": token_mean(low | high),
+            "tokens": tokens,
+        }
+        if beta > 0:
+            stats["kl"] = token_mean(kl)
+    return loss_sum, count, stats

@@ -390,3 +390,44 @@ _TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
     _bakery,
     _orchard,
 )
+
+
+# ------------------------------------------------------------------------------------------------- GRPO prompts
+
+PROMPTS_PREFIX = "builtin-prompts:"
+PROMPT_NAMES = ("arithmetic",)
+ANSWER_INSTRUCTION = 'Solve it step by step, then give the final answer on a last line of the form "#### <answer>".'
+
+
+def parse_prompt_spec(spec: str) -> tuple[str, int | None, int]:
+    """'builtin-prompts:arithmetic?count=50&seed=3' -> ('arithmetic', 50, 3); DataError on anything else."""
+    name, _, query = spec.removeprefix(PROMPTS_PREFIX).partition("?")
+    if name not in PROMPT_NAMES:
+        choices = ", ".join(PROMPTS_PREFIX + n for n in PROMPT_NAMES)
+        raise DataError(f"unknown {spec}: the built-in prompts are {choices}")
+    options: dict[str, int | None] = {"count": None, "seed": 0}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in options:
+            raise DataError(f"unknown option {key!r} in {spec}: use count=<N> and/or seed=<S>")
+        if not value.isdigit():
+            raise DataError(f"{key}={value!r} in {spec} is not a non-negative integer")
+        options[key] = int(value)
+    return name, options["count"], int(options["seed"] or 0)
+
+
+def prompt_records(name: str = "arithmetic", count: int | None = None, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Prompts with reference answers for reinforcement learning on outcomes (GRPO), nothing downloaded.
+
+    Prompt i of seed s is the question of `arithmetic_problem((s << 32) + i)` (the problem builtin-chat:arithmetic
+    solves for the same i and s) followed by `ANSWER_INSTRUCTION`, which asks for GSM8K's final-line convention the
+    math reward reads; its answer is the problem's integer result, as text."""
+    if name not in PROMPT_NAMES:
+        raise DataError(f"unknown built-in prompts {name!r}; choose one of: {', '.join(PROMPT_NAMES)}")
+    for index in range(DEFAULT_ARITHMETIC_COUNT if count is None else count):
+        question, _, answer = arithmetic_problem((seed << 32) + index)
+        yield {"prompt": f"{question}\n{ANSWER_INSTRUCTION}", "answer": str(answer)}
+
+
+def prompt_records_of(spec: str) -> Iterator[dict[str, Any]]:
+    """The records a `builtin-prompts:` entry names."""
+    return prompt_records(*parse_prompt_spec(spec))

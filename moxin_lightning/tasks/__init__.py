@@ -2,7 +2,8 @@
 
 from moxin_lightning.tasks.base import TrainingTask
 from moxin_lightning.tasks.dpo import DPO
+from moxin_lightning.tasks.grpo import GRPO
 from moxin_lightning.tasks.pretrain import Pretrain
 from moxin_lightning.tasks.sft import SFT
 
-__all__ = ["DPO", "SFT", "Pretrain", "TrainingTask"]
+__all__ = ["DPO", "GRPO", "SFT", "Pretrain", "TrainingTask"]

@@ -188,10 +188,14 @@ class TrainingTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self.loss_terms(batch)
-        self._step_loss = self._step_loss.to(loss_sum.device) + loss_sum.detach().float()
-        self._step_count = self._step_count.to(count.device) + count
+        self.track_step_loss(loss_sum, count)
         # a sum: on_before_optimizer_step divides the gradients by the step's global count
         return loss_sum
+
+    def track_step_loss(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """Add a micro-batch's loss sum and count to the optimizer step's totals (normalised before the step)."""
+        self._step_loss = self._step_loss.to(loss_sum.device) + loss_sum.detach().float()
+        self._step_count = self._step_count.to(count.device) + count
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Turn the summed gradients into the mean over the optimizer step's global count.

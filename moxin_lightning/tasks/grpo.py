@@ -1,0 +1,223 @@
+"""`GRPO`: group-relative policy optimisation with rollouts from our own rolling-buffer generator.
+
+Each step takes P prompts, samples G completions per prompt with `moxin_lightning.generate.sample` on the very
+weights being trained (no separate inference engine, so no train/inference mismatch to correct), scores them with
+the configured rewards, turns the rewards into group-relative advantages and optimises the clipped surrogate
+(`losses.grpo_loss`), optionally with a k3 KL penalty to a frozen reference (built only when beta > 0). With
+`epochs_per_batch` > 1 the same rollouts are optimised several times, each pass one optimizer step, against the
+log-probs they were sampled with. Optimisation is manual (Lightning's automatic loop cannot revisit a batch), but
+the gradients are normalised by the global count of each optimizer step as in every task.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from moxin_lightning.generate import sample
+from moxin_lightning.losses import IGNORE_INDEX, group_advantages, grpo_loss
+from moxin_lightning.model.transformer import Transformer
+from moxin_lightning.rewards import CombinedReward, Reward
+from moxin_lightning.tasks.base import TrainingTask
+
+
+@dataclass
+class Rollouts:
+    """G completions of each of P prompts, as right-padded training rows."""
+
+    input_ids: torch.Tensor  # (P*G, T)
+    labels: torch.Tensor  # (P*G, T): completion tokens as next-token targets, IGNORE_INDEX elsewhere
+    advantages: torch.Tensor  # (P*G,)
+    old_logps: torch.Tensor  # (P*G, T) log-probs under the weights that sampled them
+    ref_logps: torch.Tensor | None
+
+
+class GRPO(TrainingTask):
+    """GRPO on `datamodules.PromptData` batches {prompt_ids, prompt_text, answer, prompt_index}.
+
+    Args:
+        rewards: reward functions (`moxin_lightning.rewards`, or any `Reward` by class_path).
+        reward_weights: their weights (default 1 each).
+        group_size: completions per prompt (G).
+        beta: KL penalty to the frozen starting weights (0: no reference model is built).
+        temperature, top_p: sampling settings of the rollouts.
+        max_response_length: new tokens per completion; a completion without EOS by then is truncated.
+        clip_low, clip_high: the surrogate's clipping range (1 - clip_low, 1 + clip_high).
+        loss_agg: `token_mean` (DAPO), `seq_mean_token_mean` (original GRPO), `seq_mean_token_sum_norm` (Dr. GRPO).
+        advantage_scale: `group_std`, `batch_std` or `none`.
+        epochs_per_batch: optimisation passes (optimizer steps) over each batch of rollouts.
+        micro_batch_size: rollouts per forward/backward within a pass (the step's gradient does not depend on it).
+        max_grad_norm: clipping of each optimizer step's global gradient norm (None: no clipping).
+        **kwargs: the shared settings of `TrainingTask`; `conf/grpo.yaml` sets Moxin-Reasoning's.
+    """
+
+    def __init__(
+        self,
+        rewards: list[Reward],
+        reward_weights: list[float] | None = None,
+        group_size: int = 8,
+        beta: float = 0.0,
+        temperature: float = 0.6,
+        top_p: float = 1.0,
+        max_response_length: int = 1024,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean",
+        advantage_scale: Literal["group_std", "batch_std", "none"] = "group_std",
+        epochs_per_batch: int = 1,
+        micro_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        if group_size < 2:
+            raise ValueError(f"group_size={group_size}: group-relative advantages need at least 2 completions")
+        if epochs_per_batch < 1 or (micro_batch_size is not None and micro_batch_size < 1):
+            raise ValueError("epochs_per_batch and micro_batch_size must be >= 1")
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.reward = CombinedReward(rewards, reward_weights)
+        self.group_size, self.beta, self.temperature, self.top_p = group_size, beta, temperature, top_p
+        self.max_response_length, self.clip_low, self.clip_high = max_response_length, clip_low, clip_high
+        self.loss_agg, self.advantage_scale = loss_agg, advantage_scale
+        self.epochs_per_batch, self.micro_batch_size, self.max_grad_norm = (
+            epochs_per_batch,
+            micro_batch_size,
+            max_grad_norm,
+        )
+        self._reference: Transformer | None = None
+        self._rollout_seed = 0
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.beta > 0 and self._reference is None:
+            object.__setattr__(self, "_reference", self.build_model(trainable=False))
+
+    def loss_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The surrogate on fresh rollouts of `batch` (training itself runs `training_step`'s passes)."""
+        rollouts, _ = self.rollout(batch)
+        loss_sum, count, _ = self._surrogate(rollouts, slice(None))
+        return loss_sum, count
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Held-out prompts are judged by their rewards: `val/reward_mean` (and the rest of the rollout stats)."""
+        self._log_rollout_stats("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log_rollout_stats("test", batch)
+
+    def _log_rollout_stats(self, stage: str, batch: dict[str, Any]) -> None:
+        _, stats = self.rollout(batch)
+        for name in ("reward_mean", "completion_length", "truncation_rate"):
+            self.log(f"{stage}/{name}", stats[name], on_epoch=True, batch_size=len(batch["answer"]), sync_dist=True)
+
+    # -- rollouts --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, batch: dict[str, Any]) -> tuple[Rollouts, dict[str, float]]:
+        """Sample G completions per prompt, score them and build training rows; also the rollout statistics."""
+        tokenizer = self.trainer.datamodule.tokenizer
+        prompts = [list(ids) for ids in batch["prompt_ids"] for _ in range(self.group_size)]
+        eos = tokenizer.eos_id
+        self._rollout_seed += 1
+        was_training = self.model.training
+        self.model.eval()
+        started = time.perf_counter()
+        sharded = hasattr(self.model, "unshard")  # FSDP2: the decoder reads the root's embedding and head directly
+        if sharded:
+            self.model.unshard()
+        generation = sample(
+            self.model,
+            prompts,
+            self.max_response_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            eos_id=eos,
+            seed=self.hparams.seed * 1_000_003 + self._rollout_seed * 97 + self.global_rank,
+        )
+        if sharded:
+            self.model.reshard()
+        generation_seconds = time.perf_counter() - started
+        self.model.train(was_training)
+        completions = generation.tokens
+        texts = [tokenizer.decode([t for t in c if t != eos]) for c in completions]
+        answers = [str(a) for a in batch["answer"] for _ in range(self.group_size)]
+        prompt_texts = [p for p in batch["prompt_text"] for _ in range(self.group_size)]
+        rewards = torch.tensor(self.reward(texts, answers, prompt_texts), dtype=torch.float32)
+        advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale)
+        input_ids, labels = _rows(prompts, completions, pad_id=max(tokenizer.pad_id, 0))
+        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        old_logps = self.model(input_ids, targets=labels, target_logprobs=True).detach()
+        ref_logps = None
+        if self._reference is not None:
+            ref_logps = self._reference(input_ids, targets=labels, target_logprobs=True)
+        grouped = rewards.view(-1, self.group_size)
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        truncated = [not c or c[-1] != eos for c in completions]
+        stats = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "groups_without_signal": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
+            "completion_length": lengths.mean().item(),
+            "truncation_rate": sum(truncated) / len(truncated),
+            "generation_tokens_per_s": lengths.sum().item() / max(generation_seconds, 1e-9),
+            "generation_seconds": generation_seconds,
+        }
+        failures = sum(self.reward.last_failures.values()) if hasattr(self.reward, "last_failures") else 0
+        stats["reward_failures"] = float(failures)
+        return Rollouts(input_ids, labels, advantages.to(self.device), old_logps, ref_logps), stats
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+
+    def _surrogate(self, rollouts: Rollouts, rows: slice) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        labels = rollouts.labels[rows]
+        logps = self.model(rollouts.input_ids[rows], targets=labels, target_logprobs=True)
+        return grpo_loss(
+            logps,
+            rollouts.old_logps[rows],
+            rollouts.advantages[rows],
+            (labels != IGNORE_INDEX).float(),
+            ref_logps=None if rollouts.ref_logps is None else rollouts.ref_logps[rows],
+            beta=self.beta,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            loss_agg=self.loss_agg,
+            max_completion_length=self.max_response_length,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        step_started = time.perf_counter()
+        rollouts, stats = self.rollout(batch)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        total = rollouts.input_ids.shape[0]
+        size = self.micro_batch_size or total
+        for _ in range(self.epochs_per_batch):
+            optimizer.zero_grad()
+            for start in range(0, total, size):
+                loss_sum, count, loss_stats = self._surrogate(rollouts, slice(start, start + size))
+                self.track_step_loss(loss_sum, count)
+                self.manual_backward(loss_sum)
+            optimizer.step()  # on_before_optimizer_step normalises by the global count, then clips
+            scheduler.step()
+        stats.update({name: float(value) for name, value in loss_stats.items()})
+        stats["generation_share"] = stats.pop("generation_seconds") / (time.perf_counter() - step_started)
+        for name, value in stats.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "reward_mean")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)  # gradients / global count of the step
+        self.configure_gradient_clipping(optimizer, self.max_grad_norm)  # manual optimisation: clip here
+
+
+def _rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + completion per row, right-padded; labels are the completion tokens, at the positions predicting them."""
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(prompts), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        input_ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+        if completion:
+            labels[row, len(prompt) - 1 : len(prompt) + len(completion) - 1] = torch.tensor(completion)
+    return input_ids, labels
