@@ -127,6 +127,7 @@ class GRPO(TrainingTask):
         started = time.perf_counter()
         sharded = hasattr(self.model, "unshard")  # FSDP2: the decoder reads the root's embedding and head directly
         if sharded:
+            self.model(torch.tensor([prompts[0][:1]], device=self.device))  # FSDP2 sets itself up on a root forward
             self.model.unshard()
         generation = sample(
             self.model,
