@@ -225,8 +225,24 @@ def test_grpo_configs_carry_moxin_reasoning_settings_and_the_local_overlay_resol
     local = printed_config(*configs(GRPO, GRPO_LOCAL))
     model, data, trainer = local["model"]["init_args"], local["data"]["init_args"], local["trainer"]
     assert (model["preset"], model["init_from"], trainer["accelerator"]) == ("moxin-tiny-9m", "runs/sft/release", "cpu")
-    assert data["train"] == ["builtin-prompts:arithmetic?count=2000&seed=1"] and data["instruction"] is None
+    assert data["train"] == ["builtin-prompts:gsm_symbolic?count=2000&seed=1"] and data["instruction"] is None
     assert model["beta"] == 0.001 and model["temperature"] == 0.6  # Moxin's settings stay
     assert model["group_size"] < 8 and model["max_response_length"] < 16384
     assert [r["class_path"].rsplit(".", 1)[1] for r in model["rewards"]] == ["MathAnswer", "Format"]
     assert model["reward_weights"] == [1.0, 0.1]
+
+
+def test_gsm_symbolic_prompts_come_from_reasoning_gym_with_their_answers():
+    """The local GRPO overlay's problems: reasoning-gym's gsm_symbolic (GSM8K templates, generated locally)."""
+    import reasoning_gym
+
+    from moxin_lightning.data.builtin_chat import ANSWER_INSTRUCTION, prompt_records_of
+    from moxin_lightning.rewards import MathAnswer
+
+    records = list(prompt_records_of("builtin-prompts:gsm_symbolic?count=5&seed=3"))
+    expected = list(reasoning_gym.create_dataset("gsm_symbolic", size=5, seed=3))
+    assert [r["answer"] for r in records] == [str(e["answer"]) for e in expected]
+    assert [r["prompt"] for r in records] == [f"{e['question']}\n{ANSWER_INSTRUCTION}" for e in expected]
+    assert records == list(prompt_records_of("builtin-prompts:gsm_symbolic?count=5&seed=3"))  # deterministic
+    answers = [r["answer"] for r in records]
+    assert MathAnswer()([f"... so\n#### {a}" for a in answers], answers, [""] * 5) == [1.0] * 5

@@ -395,7 +395,7 @@ _TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
 # ------------------------------------------------------------------------------------------------- GRPO prompts
 
 PROMPTS_PREFIX = "builtin-prompts:"
-PROMPT_NAMES = ("arithmetic",)
+PROMPT_NAMES = ("arithmetic", "gsm_symbolic")
 ANSWER_INSTRUCTION = 'Solve it step by step, then give the final answer on a last line of the form "#### <answer>".'
 
 
@@ -423,9 +423,25 @@ def prompt_records(name: str = "arithmetic", count: int | None = None, seed: int
     math reward reads; its answer is the problem's integer result, as text."""
     if name not in PROMPT_NAMES:
         raise DataError(f"unknown built-in prompts {name!r}; choose one of: {', '.join(PROMPT_NAMES)}")
+    if name == "gsm_symbolic":
+        yield from _gsm_symbolic(DEFAULT_ARITHMETIC_COUNT if count is None else count, seed)
+        return
     for index in range(DEFAULT_ARITHMETIC_COUNT if count is None else count):
         question, _, answer = arithmetic_problem((seed << 32) + index)
         yield {"prompt": f"{question}\n{ANSWER_INSTRUCTION}", "answer": str(answer)}
+
+
+def _gsm_symbolic(count: int, seed: int) -> Iterator[dict[str, Any]]:
+    """reasoning-gym's `gsm_symbolic`: problems made from 100 GSM8K templates with fresh numbers, generated
+    locally (no download); the `reasoning` extra installs it."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise DataError(
+            "builtin-prompts:gsm_symbolic needs reasoning-gym: pip install 'moxin_lightning[reasoning]'"
+        ) from None
+    for item in reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=seed):
+        yield {"prompt": f"{item['question']}\n{ANSWER_INSTRUCTION}", "answer": str(item["answer"])}
 
 
 def prompt_records_of(spec: str) -> Iterator[dict[str, Any]]:
