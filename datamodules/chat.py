@@ -32,10 +32,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from datamodules.checks import check_arguments, model_limits
-from datamodules.pretrain import FixedBatches
+from datamodules.loaders import SplitLoaders
 from datamodules.skips import count_skip, nothing_usable, skip_summary
 from moxin_lightning.data.builtin_chat import NAMES as BUILTIN_NAMES
 from moxin_lightning.data.builtin_chat import PREFIX as BUILTIN_CHAT
@@ -284,30 +284,10 @@ class ChatCollator:
         return batch
 
 
-class EpochShuffle(Sampler[int]):
-    """Row order of one epoch: a permutation drawn from (seed, epoch), the same on every process.
-
-    Lightning calls `set_epoch` each epoch, and with several processes wraps this sampler in its distributed
-    sampler, which gives process r every world_size-th index of this order."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
 # --------------------------------------------------------------------------------------------------- datamodule
 
 
-class ChatData(L.LightningDataModule):
+class ChatData(SplitLoaders, L.LightningDataModule):
     """Batches {input_ids, labels, doc_ids, positions} of shape (batch_size, T) for supervised fine-tuning.
 
     Args:
@@ -427,34 +407,5 @@ class ChatData(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------
 
-    def _dataset(self, split: str) -> ChatRows:
-        if not self.datasets:
-            self.setup()
-        return self.datasets[split]
-
-    def train_dataloader(self) -> DataLoader:
-        rows = self._dataset("train")
-        return DataLoader(
-            rows,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(rows), self.seed) if self.shuffle else None,
-            collate_fn=ChatCollator(self.pad_id, self.max_length if self.pack else None),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader | FixedBatches:
-        """The held-out rows in order; no validation (an empty loader) without `val` or `val_fraction`."""
-        if not self.datasets:
-            self.setup()
-        if "val" not in self.datasets:
-            return FixedBatches([])
-        return DataLoader(
-            self.datasets["val"],
-            batch_size=self.batch_size,
-            collate_fn=ChatCollator(self.pad_id, self.max_length if self.pack else None),
-            num_workers=self.num_workers,
-        )
-
-    def test_dataloader(self) -> DataLoader | FixedBatches:
-        return self.val_dataloader()
+    def collate(self) -> ChatCollator:
+        return ChatCollator(self.pad_id, self.max_length if self.pack else None)

@@ -39,9 +39,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.chat import EpochShuffle, held_out
+from datamodules.chat import held_out
 from datamodules.checks import check_arguments, model_limits
-from datamodules.pretrain import FixedBatches
+from datamodules.loaders import SplitLoaders
 from datamodules.skips import count_skip, nothing_usable, skip_summary
 from moxin_lightning.data.builtin_chat import DEFAULT_ARITHMETIC_COUNT, arithmetic_problem, wrong_solution
 from moxin_lightning.data.builtin_chat import PREFIX as BUILTIN_CHAT
@@ -319,7 +319,7 @@ class PadPairs:
 # -- the datamodule -----------------------------------------------------------------------------------------
 
 
-class PreferenceData(L.LightningDataModule):
+class PreferenceData(SplitLoaders, L.LightningDataModule):
     """Batches {chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels: (B, T), pair_index: (B,)}.
 
     Args:
@@ -451,34 +451,8 @@ class PreferenceData(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------
 
-    def _dataset(self, split: str) -> PairDataset:
-        if not self.datasets:
-            self.setup()
-        return self.datasets[split]
-
-    def _loader(self, dataset: PairDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(dataset), self.seed) if shuffle else None,
-            collate_fn=PadPairs(self.pad_id, self.max_length if self.pad_to_max_length else None),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train"), self.shuffle)
-
-    def val_dataloader(self) -> DataLoader | FixedBatches:
-        """The held-out pairs in order; no validation (an empty loader) without `val` or `val_fraction`."""
-        if not self.datasets:
-            self.setup()
-        if "val" not in self.datasets:
-            return FixedBatches([])
-        return self._loader(self.datasets["val"], shuffle=False)
-
-    def test_dataloader(self) -> DataLoader | FixedBatches:
-        return self.val_dataloader()
+    def collate(self) -> PadPairs:
+        return PadPairs(self.pad_id, self.max_length if self.pad_to_max_length else None)
 
     def pair_count(self, split: str = "train") -> int:
         return len(self._dataset(split))

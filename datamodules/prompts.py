@@ -34,11 +34,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.chat import EpochShuffle, held_out
+from datamodules.chat import held_out
 from datamodules.checks import check_arguments, model_limits
-from datamodules.pretrain import FixedBatches
+from datamodules.loaders import SplitLoaders
 from datamodules.skips import count_skip, nothing_usable, skip_summary
 from moxin_lightning.data.builtin_chat import PREFIX as BUILTIN_CHAT
 from moxin_lightning.data.builtin_chat import PROMPTS_PREFIX, prompt_records_of
@@ -222,7 +222,7 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
 # -- the datamodule -----------------------------------------------------------------------------------------
 
 
-class PromptData(L.LightningDataModule):
+class PromptData(SplitLoaders, L.LightningDataModule):
     """Batches {prompt_ids: list[list[int]], prompt_text: list[str], answer: list[str], prompt_index: (B,)}.
 
     Args:
@@ -347,31 +347,5 @@ class PromptData(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------
 
-    def _dataset(self, split: str) -> PromptSet:
-        if not self.datasets:
-            self.setup()
-        return self.datasets[split]
-
-    def train_dataloader(self) -> DataLoader:
-        prompts = self._dataset("train")
-        return DataLoader(
-            prompts,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(prompts), self.seed) if self.shuffle else None,
-            collate_fn=collate_prompts,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader | FixedBatches:
-        """The held-out prompts in order; no validation (an empty loader) without `val` or `val_fraction`."""
-        if not self.datasets:
-            self.setup()
-        if "val" not in self.datasets:
-            return FixedBatches([])
-        return DataLoader(
-            self.datasets["val"], batch_size=self.batch_size, collate_fn=collate_prompts, num_workers=self.num_workers
-        )
-
-    def test_dataloader(self) -> DataLoader | FixedBatches:
-        return self.val_dataloader()
+    def collate(self) -> Any:
+        return collate_prompts
