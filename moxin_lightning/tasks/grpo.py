@@ -31,7 +31,7 @@ class Rollouts:
     input_ids: torch.Tensor  # (P*G, T)
     labels: torch.Tensor  # (P*G, T): completion tokens as next-token targets, IGNORE_INDEX elsewhere
     advantages: torch.Tensor  # (P*G,)
-    old_logps: torch.Tensor  # (P*G, T) log-probs under the weights that sampled them
+    old_logps: torch.Tensor | None  # (P*G, T) log-probs of the sampling weights; None: one pass, they are the current
     ref_logps: torch.Tensor | None
 
 
@@ -150,7 +150,9 @@ class GRPO(TrainingTask):
         advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale)
         input_ids, labels = _rows(prompts, completions, pad_id=max(tokenizer.pad_id, 0))
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
-        old_logps = self.model(input_ids, targets=labels, target_logprobs=True).detach()
+        old_logps = None  # one pass: the sampling weights are the weights being optimised, no extra forward
+        if self.epochs_per_batch > 1:
+            old_logps = self.model(input_ids, targets=labels, target_logprobs=True).detach()
         ref_logps = None
         if self._reference is not None:
             ref_logps = self._reference(input_ids, targets=labels, target_logprobs=True)
@@ -177,7 +179,7 @@ class GRPO(TrainingTask):
         logps = self.model(rollouts.input_ids[rows], targets=labels, target_logprobs=True)
         return grpo_loss(
             logps,
-            rollouts.old_logps[rows],
+            logps.detach() if rollouts.old_logps is None else rollouts.old_logps[rows],
             rollouts.advantages[rows],
             (labels != IGNORE_INDEX).float(),
             ref_logps=None if rollouts.ref_logps is None else rollouts.ref_logps[rows],
