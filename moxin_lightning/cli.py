@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moxin_lightning.errors import USER_ERRORS, exit_with
 from moxin_lightning.model.config import PRESETS, ModelConfig
 
 LIGHTNING_COMMANDS = {
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     from moxin_lightning.data.prepare import register as register_prepare
 
     register_prepare(commands)
+    from moxin_lightning.terminal import register as register_generate
+
+    register_generate(commands)
+    from moxin_lightning.export import register as register_export
+
+    register_export(commands)
     return parser
 
 
@@ -81,4 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         run_lightning(None if argv is None else words)  # None: LightningCLI reads sys.argv itself
         return
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        exit_with(error)
+    except KeyboardInterrupt:
+        sys.exit(130)

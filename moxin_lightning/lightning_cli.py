@@ -7,9 +7,6 @@ parser mode: several `--config` files merge key by key, then `${...}` interpolat
 
 from __future__ import annotations
 
-import os
-import sys
-
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -17,18 +14,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from moxin_lightning.checkpoint_io import AtomicCheckpointIO
+from moxin_lightning.errors import USER_ERRORS, exit_with
 from moxin_lightning.tasks.base import TrainingTask
 
-# errors that our checks (and Lightning's own config checks) raise with a one-line message saying what to do;
-# anything else keeps its traceback
-_USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    MisconfigurationException,
-)
+# our one-line input errors, plus Lightning's own config checks (same one-line style)
+_USER_ERRORS = (*USER_ERRORS, MisconfigurationException)
 
 
 class MoxinCLI(LightningCLI):
@@ -80,10 +70,7 @@ def run_lightning(argv: list[str] | None = None) -> None:
     try:
         MoxinCLI(args=argv)
     except _USER_ERRORS as error:
-        if os.environ.get("MOXIN_TRACEBACK"):
-            raise
-        print(f"error: {_first_line(_root_cause(error))}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(_root_cause(error))
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -91,8 +78,3 @@ def _root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None and isinstance(error.__cause__, _USER_ERRORS):
         error = error.__cause__
     return error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

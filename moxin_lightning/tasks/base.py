@@ -78,6 +78,7 @@ class TrainingTask(L.LightningModule):
         self.save_hyperparameters()
         self._config = ModelConfig.from_name(preset, **(model_overrides or {}))
         self.model: Transformer | None = None
+        self._tokenizer_state: dict[str, Any] | None = None  # the tokenizer's files, kept for every checkpoint
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._step_loss = torch.zeros(())
@@ -141,7 +142,16 @@ class TrainingTask(L.LightningModule):
         return parallelize.full_state(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["model_config"] = self.model_config.to_dict()
+        """Make the checkpoint self-contained for inference: the model config and the data's tokenizer files
+        (`moxin_lightning.checkpoint.load_model` reads both, so `generate --checkpoint last.ckpt` just works)."""
+        from moxin_lightning.checkpoint import MODEL_CONFIG_KEY, TOKENIZER_KEY, tokenizer_state
+
+        checkpoint[MODEL_CONFIG_KEY] = self.model_config.to_dict()
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:
+            if self._tokenizer_state is None or self._tokenizer_state["fingerprint"] != tokenizer.fingerprint:
+                self._tokenizer_state = tokenizer_state(tokenizer)
+            checkpoint[TOKENIZER_KEY] = self._tokenizer_state
 
     # -- optimisation ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from moxin_lightning.checkpoint import read_training_checkpoint
 from moxin_lightning.hf import CheckpointError, config_from_hf, import_hf
 from moxin_lightning.model.config import ModelConfig
 
@@ -30,49 +31,9 @@ def read_initial_state(path: str | Path, config: ModelConfig) -> dict[str, torch
     if (source / "config.json").is_file():
         _check_shapes(config_from_hf(json.loads((source / "config.json").read_text())), config, source)
         return import_hf(source).state_dict()
-    if source.is_dir() and (source / ".metadata").is_file():
-        state = _read_sharded_lightning(source)
-    elif source.is_file():
-        state = _read_lightning_file(source)
-    else:
-        raise CheckpointError(
-            f"init_from {source} is neither a Hugging Face/release folder (config.json), a sharded checkpoint "
-            "folder (.metadata) nor a checkpoint file"
-        )
+    state, _ = read_training_checkpoint(source)
     _check_state(state, config, source)
     return state
-
-
-def _read_lightning_file(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - one line naming the file
-        raise CheckpointError(f"cannot read {file} as a tensor-only checkpoint: {str(error).splitlines()[0]}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{file} is not a Lightning checkpoint (no state_dict); for HF weights give the folder")
-    return _strip_model_prefix(checkpoint["state_dict"], file)
-
-
-def _read_sharded_lightning(folder: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    keys = {
-        name
-        for name in FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-        if name.startswith("state_dict.")
-    }
-    state = _load_state_dict_from_keys(keys, checkpoint_id=str(folder))
-    flat = state.get("state_dict", state)
-    flat = {name.removeprefix("state_dict."): value for name, value in flat.items()}
-    return _strip_model_prefix(flat, folder)
-
-
-def _strip_model_prefix(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
-    weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
-    if not weights:
-        raise CheckpointError(f"{where} holds no `model.*` weights; it was not written by a moxin_lightning task")
-    return weights
 
 
 def _check_shapes(found: ModelConfig, config: ModelConfig, where: Path) -> None:
