@@ -84,7 +84,7 @@ def read_training_checkpoint(
     source: Path, extra_keys: tuple[str, ...] = ()
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model weights in our names, the requested top-level entries that are present) of a `.ckpt` file or a
-    sharded checkpoint folder."""
+    sharded checkpoint folder (tensors in `torch.distributed.checkpoint` files, other entries in `meta.pt`)."""
     if source.is_dir() and (source / ".metadata").is_file():
         return _read_sharded(source, extra_keys)
     if source.is_file():
@@ -124,7 +124,20 @@ def _read_sharded(folder: Path, extra_keys: tuple[str, ...]) -> tuple[dict[str, 
     flat = state.get("state_dict", {})
     flat = {name.removeprefix("state_dict."): value for name, value in flat.items()}
     extras = {key: state[key] for key in extra_keys if key in state}
+    extras.update({key: value for key, value in _lightning_metadata(folder).items() if key in extra_keys})
     return _strip_model_prefix(flat, folder), extras
+
+
+def _lightning_metadata(folder: Path) -> dict[str, Any]:
+    """Lightning's sharded save puts every entry but the module and optimizer states in `meta.pt` (rank 0)."""
+    file = folder / "meta.pt"
+    if not file.is_file():
+        return {}
+    try:
+        metadata = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - one line naming the file
+        raise CheckpointError(f"cannot read {file} as a tensor-only checkpoint: {str(error).splitlines()[0]}") from None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _strip_model_prefix(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:

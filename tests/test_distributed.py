@@ -180,3 +180,23 @@ def test_grpo_learns_on_2_processes(tmp_path, strategy):
     rewards = json.loads((tmp_path / "rewards.json").read_text())
     assert len(rewards) == 40 and sum(rewards[:3]) / 3 < 0.3
     assert sum(rewards[-5:]) / 5 >= 0.7, rewards
+
+
+@pytest.mark.distributed
+def test_a_sharded_checkpoint_opens_for_inference_with_the_final_weights(fsdp2, tmp_path, monkeypatch):
+    """`load_model` (generate / export / eval) reads the FSDP2 folder into one full model; this run's data has no
+    tokenizer, so one is given by path and checked against the vocabulary."""
+    from moxin_lightning.checkpoint import load_model
+    from tests.test_inference import train_sentencepiece
+
+    monkeypatch.setenv("MOXIN_CACHE", str(tmp_path / "cache"))
+    tokenizer = train_sentencepiece(
+        tmp_path / "tok",
+        vocab_size=200,
+        texts=["The quick brown fox jumps over the lazy dog."] * 50,
+        byte_fallback=False,
+    )
+    loaded = load_model(fsdp2["checkpoints"] / f"step={runs.STEPS}.ckpt", tokenizer=tokenizer.path)
+    state = loaded.model.state_dict()
+    for name, weight in fsdp2["saving"]["weights"].items():
+        assert torch.equal(state[name], weight), name

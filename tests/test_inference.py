@@ -32,12 +32,14 @@ TINY = dict(
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Moxin is a fully open language model. 世界 héllo"] * 50
 
 
-def train_sentencepiece(folder, vocab_size: int = 300, seed_text: str = "") -> SentencePieceTokenizer:
+def train_sentencepiece(
+    folder, vocab_size: int = 300, seed_text: str = "", texts=TEXT, byte_fallback: bool = True
+) -> SentencePieceTokenizer:
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t + seed_text for t in TEXT] + ["<|user|>\n<|assistant|>\n"] * 10),
-        model_writer=buffer, vocab_size=vocab_size, model_type="bpe", byte_fallback=True, hard_vocab_limit=False,
-        bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+        sentence_iterator=iter([t + seed_text for t in texts] + ["<|user|>\n<|assistant|>\n"] * 10),
+        model_writer=buffer, vocab_size=vocab_size, model_type="bpe", byte_fallback=byte_fallback,
+        hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
     )  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(buffer.getvalue())
@@ -127,13 +129,12 @@ def test_a_sharded_checkpoint_folder_loads_the_same_model(tmp_path, trained, tok
     import torch.distributed.checkpoint as dcp
 
     module, _ = trained
-    state = {
-        "state_dict": {f"model.{name}": tensor.clone() for name, tensor in module.model.state_dict().items()},
-        "model_config": module.model_config.to_dict(),
-        "tokenizer": tokenizer_state(tokenizer),
-    }
+    # laid out as Lightning's FSDP2 save does: tensors through torch.distributed.checkpoint, the rest in meta.pt
+    state = {"state_dict": {f"model.{name}": tensor.clone() for name, tensor in module.model.state_dict().items()}}
     with pytest.warns(UserWarning):  # "no process group: saving in a single process"
         dcp.save(state, checkpoint_id=str(tmp_path / "sharded"))
+    meta = {"model_config": module.model_config.to_dict(), "tokenizer": tokenizer_state(tokenizer), "global_step": 2}
+    torch.save(meta, tmp_path / "sharded" / "meta.pt")
     loaded = load_model(tmp_path / "sharded")
     assert same_weights(module.model, loaded.model)
     assert loaded.tokenizer.fingerprint == tokenizer.fingerprint
