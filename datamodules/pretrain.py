@@ -31,6 +31,10 @@ from moxin_lightning.first_use import build_once, cached_folder
 from moxin_lightning.tokenizers import Tokenizer, load_tokenizer
 
 BUILTIN = "builtin:"  # a dataset entry naming a built-in corpus (see moxin_lightning.data.builtin)
+# Held-out share of a built-in corpus prepared on first use. The corpus is drawn from the installed packages, so
+# its documents vary between environments; `prepare`'s default (0.5%) can leave a few-MB corpus with one short
+# document held out, less than one validation batch. 2% holds out ~1/50 of the tokens (tens of thousands).
+BUILTIN_VAL_FRACTION = 0.02
 
 
 def _keep_list(items: list[Any]) -> list[Any]:
@@ -114,7 +118,7 @@ class PretrainData(L.LightningDataModule):
     def _cache_folder(self, spec: str) -> str:
         if self._tokenizer is None:
             raise ValueError(f"dataset {spec} is prepared on first use and needs a `tokenizer`; set data.tokenizer")
-        return str(cached_folder("data", f"{spec}-{self._tokenizer.fingerprint[:16]}"))
+        return str(cached_folder("data", f"{spec}-val{BUILTIN_VAL_FRACTION}-{self._tokenizer.fingerprint[:16]}"))
 
     def prepare_data(self) -> None:
         """Prepare the built-in corpora not prepared yet (Lightning calls this on one process per node)."""
@@ -122,7 +126,9 @@ class PretrainData(L.LightningDataModule):
             build_once(
                 Path(folder),
                 lambda f: (f / manifest.MANIFEST).is_file(),
-                lambda f, spec=spec: prepare(spec, self._tokenizer, f, num_workers=1, progress=False),
+                lambda f, spec=spec: prepare(
+                    spec, self._tokenizer, f, val_fraction=BUILTIN_VAL_FRACTION, num_workers=1, progress=False
+                ),
             )
 
     @property
@@ -238,7 +244,15 @@ class PretrainData(L.LightningDataModule):
             length=self.val_batches,
             repeat=False,
         )
-        return FixedBatches(list(stream))
+        batches = FixedBatches(list(stream))
+        if self.val_batches > 0 and not batches:
+            held_out = sum(self._read_manifests()[i]["splits"]["val"]["tokens"] for i in with_val)
+            batch, length = self.val_shape
+            raise ValueError(
+                f"the held-out splits hold {held_out} tokens, less than one validation batch of {batch} x {length}; "
+                "prepare the data with a larger --val_fraction, or set data.val_batches=0 for no validation"
+            )
+        return batches
 
     def test_dataloader(self) -> FixedBatches:
         """Testing reads the held-out split too: `prepare` makes train and val splits only."""

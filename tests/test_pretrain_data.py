@@ -88,6 +88,18 @@ def test_validation_is_the_held_out_split_and_repeatable(data_dirs):
     assert np.array_equal(inputs, stream_of(data_dirs[0], "val")[: len(inputs)])
 
 
+def test_a_held_out_split_shorter_than_one_batch_is_a_one_line_error(data_dirs):
+    data = module(data_dirs[:1], seq_len=64, batch_size=64)  # 4,097 tokens per batch; the split holds far fewer
+    held_out = data.manifests[0]["splits"]["val"]["tokens"]
+    with pytest.raises(ValueError) as error:
+        data.val_dataloader()
+    assert str(error.value) == (
+        f"the held-out splits hold {held_out} tokens, less than one validation batch of 64 x 64; prepare the data "
+        "with a larger --val_fraction, or set data.val_batches=0 for no validation"
+    )
+    assert len(module(data_dirs[:1], seq_len=64, batch_size=64, val_batches=0).val_dataloader()) == 0
+
+
 def test_refusals_are_one_line_errors(data_dirs, tmp_path):
     with pytest.raises(
         FileNotFoundError, match="no prepared dataset at .*missing .*; make it with: python -m moxin_lightning prepare"
