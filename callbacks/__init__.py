@@ -8,5 +8,6 @@ from callbacks.context_extension import ContextExtension, Phase
 from callbacks.progress import StepProgressBar
 from callbacks.promotion import CheckpointPromotion
 from callbacks.throughput import TrainingSpeed
+from moxin_lightning.sweep.metrics_file import MetricsFile  # lives with the sweep that reads it
 
-__all__ = ["CheckpointPromotion", "ContextExtension", "Phase", "StepProgressBar", "TrainingSpeed"]
+__all__ = ["CheckpointPromotion", "ContextExtension", "MetricsFile", "Phase", "StepProgressBar", "TrainingSpeed"]

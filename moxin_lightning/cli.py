@@ -5,7 +5,9 @@ Training runs through Lightning: `fit`, `validate` and `test` are a `LightningCL
 flag such as `--trainer.max_steps=100`, `--print_config` shows the result). The other commands are plain
 argparse: `info` (a preset's size, FLOPs and cache memory), `demo` (a self-check of the backbone, the
 rolling-buffer generator and the Hugging Face round trip on a tiny model), `train-tokenizer` and `prepare`
-(the data pipeline). Each command module registers its own arguments.
+(the data pipeline), `sweep` (a W&B sweep spec run locally with Optuna), `generate` (stream a continuation or
+chat), `export` (a checkpoint as a Hugging Face folder) and `eval` (lm-evaluation-harness). Each command module
+registers its own arguments and raises one-line errors, which `main` prints as `error: ...` (exit 2).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moxin_lightning.data.prepare import register as register_prepare
 
     register_prepare(commands)
+    from moxin_lightning.sweep import register as register_sweep
+
+    register_sweep(commands)
     from moxin_lightning.terminal import register as register_generate
 
     register_generate(commands)

@@ -7,6 +7,8 @@ parser mode: several `--config` files merge key by key, then `${...}` interpolat
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -53,6 +55,10 @@ class MoxinCLI(LightningCLI):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # single-file checkpoints: made atomic (FSDP2 is)
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if os.environ.get("MOXIN_METRICS_FILE"):  # a sweep trial: the sweep reads the metrics from this file
+            from moxin_lightning.sweep.metrics_file import MetricsFile
+
+            self.trainer.callbacks.append(MetricsFile(os.environ["MOXIN_METRICS_FILE"]))
 
     def before_fit(self) -> None:
         self._attach_config()
