@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moxin_lightning.export import register as register_export
 
     register_export(commands)
+    from moxin_lightning.evaluation.command import register as register_eval
+
+    register_eval(commands)
     return parser
 
 
