@@ -50,3 +50,17 @@ def stream_of(folder: Path, split: str = "train") -> np.ndarray:
     from litdata import StreamingDataset
 
     return np.concatenate([np.asarray(doc) for doc in StreamingDataset(str(folder / split))])
+
+
+# The model part of the tiny `fit` configs that tests run through the CLI (a 2-layer Pretrain task).
+TINY_PRETRAIN_MODEL = """\
+seed_everything: 7
+model:
+  class_path: moxin_lightning.tasks.Pretrain
+  init_args:
+    preset: moxin-tiny-9m
+    model_overrides: {vocab_size: 256, dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, head_dim: 16,
+                      ffn_dim: 128, max_seq_len: 256, sliding_window: 64, attention: sdpa}
+    lr: 3.0e-3
+    warmup_steps: 2
+"""

@@ -24,6 +24,7 @@ from moxin_lightning.tasks import Pretrain
 from moxin_lightning.terminal import chat, complete
 from moxin_lightning.tokenizers import SentencePieceTokenizer
 from moxin_lightning.tokenizers.chat import TULU
+from tests.test_task import Loader
 
 TINY = dict(
     vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=256,
@@ -80,20 +81,7 @@ class TokenizerData(L.LightningDataModule):
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(3, 300, (4, 2, 24), generator=generator)
         rows = [{"input_ids": row, "labels": torch.roll(row, -1, 1), "doc_ids": torch.zeros_like(row)} for row in ids]
-        return Batches(rows)
-
-
-class Batches:
-    """A fixed list of batches that Lightning treats as one sized loader."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
+        return Loader(rows)
 
 
 @pytest.fixture(scope="module")

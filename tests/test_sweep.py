@@ -26,7 +26,7 @@ from moxin_lightning.cli import main
 from moxin_lightning.sweep.command import expand_command
 from moxin_lightning.sweep.runner import suggest, trial_command
 from moxin_lightning.sweep.spec import SpecError, load_spec, parameter, parse_spec
-from tests.prepared_data import write_dataset
+from tests.prepared_data import TINY_PRETRAIN_MODEL, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,16 +395,7 @@ def test_a_dry_run_prints_the_commands_and_writes_nothing(program, capsys):
 # -- one real trial of `fit` ------------------------------------------------------------------------------
 
 TINY_FIT = """
-seed_everything: 7
-model:
-  class_path: moxin_lightning.tasks.Pretrain
-  init_args:
-    preset: moxin-tiny-9m
-    model_overrides: {{vocab_size: 256, dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, head_dim: 16,
-                      ffn_dim: 128, max_seq_len: 256, sliding_window: 64, attention: sdpa}}
-    lr: 3.0e-3
-    warmup_steps: 2
-data:
+{model}data:
   class_path: datamodules.PretrainData
   init_args: {{datasets: [{data}], seq_len: 32, batch_size: 2, val_batches: 2}}
 trainer:
@@ -425,7 +416,7 @@ def test_a_real_fit_trial_reports_the_val_loss_the_run_logged(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_FIT.format(data=write_dataset(tmp_path / "data", 0, 100)))
+    config.write_text(TINY_FIT.format(model=TINY_PRETRAIN_MODEL, data=write_dataset(tmp_path / "data", 0, 100)))
     command = ["${env}", "${interpreter}", "-m", "moxin_lightning", "fit", "--config", str(config)]
     command += ["--config", str(ROOT / "sweeps" / "trial.yaml"), "${args}"]
     spec = {
