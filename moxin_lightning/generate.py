@@ -42,9 +42,13 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
     compile: bool = False,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (greedy when temperature is 0); a row stops after `eos_id`."""
-    settings = _Settings(temperature, top_p, top_k, eos_id, seed, None, compile, with_logprobs=False)
+    """New token ids for each prompt (greedy when temperature is 0); a row stops after `eos_id`.
+
+    vocab_limit: draw only ids below it (a tokenizer smaller than the model's padded vocabulary has no text for
+    the others)."""
+    settings = _Settings(temperature, top_p, top_k, eos_id, seed, None, compile, False, vocab_limit)
     return _generate(model, prompts, max_new_tokens, settings).tokens
 
 
@@ -62,7 +66,7 @@ def sample(
     compile: bool = False,
 ) -> Generation:
     """`generate` that also returns each new token's log-probability (what GRPO needs)."""
-    settings = _Settings(temperature, top_p, top_k, eos_id, seed, prefill_chunk, compile, with_logprobs=True)
+    settings = _Settings(temperature, top_p, top_k, eos_id, seed, prefill_chunk, compile, True, None)
     return _generate(model, prompts, max_new_tokens, settings)
 
 
@@ -76,6 +80,7 @@ class _Settings:
     prefill_chunk: int | None
     compile: bool
     with_logprobs: bool
+    vocab_limit: int | None
 
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionLayout, RollingKVCache], torch.Tensor]
@@ -121,7 +126,7 @@ def _generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
     decode = _decode_step(model, settings.compile)
     produced = max_new_tokens
     for step in range(max_new_tokens):
-        token = _pick(logits, temperature, top_p, top_k, generator)
+        token = _pick(within_vocabulary(logits, settings.vocab_limit), temperature, top_p, top_k, generator)
         new_tokens[:, step] = token
         if settings.with_logprobs:
             new_logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, token.unsqueeze(1)).squeeze(1)
@@ -159,6 +164,13 @@ def _prefill(
         rows = ((last >= 0) & (last < hidden.shape[1])).nonzero().flatten()
         last_hidden[rows] = hidden[rows, last[rows]]
     return model.lm_head(last_hidden).float()
+
+
+def within_vocabulary(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    """`logits` with the ids at or beyond `vocab_limit` ruled out (unchanged when there are none)."""
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.arange(vocab_limit, logits.shape[-1], device=logits.device), -torch.inf)
 
 
 def _pick(

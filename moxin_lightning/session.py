@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from moxin_lightning.generate import _check_request, _decode_step, _pick
+from moxin_lightning.generate import _check_request, _decode_step, _pick, within_vocabulary
 from moxin_lightning.model.cache import RollingKVCache
 from moxin_lightning.model.transformer import Transformer
 from moxin_lightning.tokenizers import Tokenizer
@@ -101,17 +101,13 @@ class DecodeSession:
         if room < 1:
             raise ValueError(f"the sequence already fills max_seq_len={self.max_len}; start a new one")
         for index in range(min(max_new_tokens, room)):
-            token = int(_pick(self._allowed(self._logits), temperature, top_p, top_k, generator)[0])
+            logits = within_vocabulary(self._logits, self.vocab_limit)
+            token = int(_pick(logits, temperature, top_p, top_k, generator)[0])
             self._pending = token
             yield token
             if token == eos_id or index + 1 == min(max_new_tokens, room):
                 return
             self._flush_pending()
-
-    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.vocab_limit is None or self.vocab_limit >= logits.shape[-1]:
-            return logits
-        return logits.index_fill(-1, torch.arange(self.vocab_limit, logits.shape[-1], device=logits.device), -torch.inf)
 
     def _flush_pending(self) -> None:
         """Run the last sampled token through the model (lazily: the final token of a reply may never need it)."""

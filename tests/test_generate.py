@@ -140,3 +140,15 @@ def test_compiled_decoding_equals_eager_and_full_recompute():
     assert compiled.tokens == eager.tokens
     torch.testing.assert_close(torch.tensor(compiled.logprobs), torch.tensor(eager.logprobs), atol=1e-5, rtol=0)
     assert_matches_full_recompute(model, prompts, compiled)
+
+
+def test_a_vocabulary_limit_rules_out_the_ids_beyond_it():
+    """Greedy decoding with `vocab_limit` is the argmax over the allowed ids of a full recompute at every step."""
+    model = tiny_model(seed=4)
+    start = prompt(12, seed=4)
+    tokens = generate(model, [start], 20, vocab_limit=30)[0]
+    assert len(tokens) == 20 and max(tokens) < 30
+    with torch.no_grad():
+        logits = model(torch.tensor([start + tokens]))[0, len(start) - 1 : -1]
+    assert tokens == logits[:, :30].argmax(dim=-1).tolist()
+    assert max(generate(model, [start], 20)[0]) >= 30  # without the limit this model does pick higher ids

@@ -262,6 +262,7 @@ class MoxinLM(TemplateLM):
             top_p=float(kwargs.get("top_p") or 1.0) if sampled else 1.0,
             top_k=int(kwargs.get("top_k") or 0) if sampled else 0,
             eos_id=self.eot_token_id,
+            vocab_limit=self.tokenizer.vocab_size,  # a padded vocabulary's extra ids have no text
         )
         prompts = [self.tok_encode(context, left_truncate_len=room) for context in contexts]
         produced: list[list[int]] = [[] for _ in prompts]
