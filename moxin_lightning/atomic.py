@@ -1,4 +1,4 @@
-"""Folders written as a whole or not at all: releases, tokenizers and prepared datasets.
+"""Folders and files written as a whole or not at all: releases, tokenizers, prepared datasets, caches, results.
 
 A folder is built in a hidden sibling `.NAME.tmp-<pid>-<id>` (same file system, so the last step is a rename),
 then swapped into place; a folder it replaces is first renamed to `.NAME.old-<pid>-<id>` and deleted only once
@@ -46,6 +46,19 @@ def written_as_a_whole(output: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def written_file(output: Path) -> Iterator[Path]:
+    """Yield a temporary sibling to write `output` to; on success it replaces `output` in one rename (a reader
+    sees the old file or the new one, never part of one), on any error it is deleted."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield temporary
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(output: Path) -> None:

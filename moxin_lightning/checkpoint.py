@@ -150,22 +150,28 @@ def _strip_model_prefix(state: dict[str, torch.Tensor], where: Path) -> dict[str
 def _model_from_weights(
     config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype | None, source: Path
 ) -> Transformer:
+    from moxin_lightning.release.write import model_from_state_dict
+
+    check_state(weights, config, source, "the checkpoint does not match its own model_config")
+    if dtype is not None:
+        weights = {name: tensor.to(dtype) for name, tensor in weights.items()}
+    return model_from_state_dict(config, weights)
+
+
+def check_state(state: dict[str, torch.Tensor], config: ModelConfig, where: Path, fix: str) -> None:
+    """A one-line error (ending with `fix`) unless `state` holds exactly the tensors of a model built from
+    `config`, with their shapes."""
     with torch.device("meta"):
-        model = Transformer(config)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name not in weights:
-            raise CheckpointError(f"{source} lacks {name!r}; it does not match its own model_config")
-        if weights[name].shape != tensor.shape:
-            raise CheckpointError(
-                f"{source}: {name!r} has shape {tuple(weights[name].shape)} but its model_config needs "
-                f"{tuple(tensor.shape)}; the checkpoint is damaged"
-            )
-    state = {name: (weights[name].to(dtype) if dtype is not None else weights[name]) for name in expected}
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model
+        expected = {name: tuple(tensor.shape) for name, tensor in Transformer(config).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{where} lacks {name!r}; {fix}")
+        found = tuple(state[name].shape)
+        if found != shape:
+            raise CheckpointError(f"{where}: {name!r} has shape {found}, the model needs {shape}; {fix}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where} has unexpected tensor {extra[0]!r}; {fix}")
 
 
 # -- tokenizers -----------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from typing import TextIO
 import torch
 
 from moxin_lightning.checkpoint import LoadedModel, load_model
+from moxin_lightning.release.write import DTYPES
 from moxin_lightning.session import DecodeSession, TextStream
 from moxin_lightning.tokenizers.chat import ASSISTANT, SYSTEM, USER, ChatTemplate, TuluTemplate
 
 TEMPLATES: dict[str, Callable[[], ChatTemplate]] = {"tulu": TuluTemplate}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def complete(

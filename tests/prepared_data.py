@@ -8,6 +8,7 @@ and take seconds per split; its `BinaryWriter` writes the same chunks in millise
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,22 @@ def stream_of(folder: Path, split: str = "train") -> np.ndarray:
     from litdata import StreamingDataset
 
     return np.concatenate([np.asarray(doc) for doc in StreamingDataset(str(folder / split))])
+
+
+def write_records(path: Path, records) -> str:
+    """A jsonl file of `records` (dicts as JSON, strings as written: malformed lines for the skip tests)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def fresh_environment(tmp_path: Path) -> dict[str, str]:
+    """Environment of a CLI run from nothing: its own home and first-use cache, W&B offline."""
+    return {
+        **os.environ,
+        "HOME": str(tmp_path / "home"),
+        "MOXIN_CACHE": str(tmp_path / "cache"),
+        "WANDB_MODE": "offline",
+    }
 
 
 # The model part of the tiny `fit` configs that tests run through the CLI (a 2-layer Pretrain task).

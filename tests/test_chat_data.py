@@ -31,6 +31,7 @@ from moxin_lightning.data.builtin_chat import (
 from moxin_lightning.data.sources import BAD_JSON, DataError
 from moxin_lightning.tokenizers import SentencePieceTokenizer, train_tokenizer
 from moxin_lightning.tokenizers.chat import TuluTemplate
+from tests.prepared_data import write_records
 
 from .conftest import tiny_model
 
@@ -53,11 +54,6 @@ def tokenizer(tmp_path_factory) -> SentencePieceTokenizer:
 
 def user_assistant(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-
-
-def write(path, records) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
 
 
 def chat_data(files, tokenizer, **kwargs) -> ChatData:
@@ -105,7 +101,7 @@ def test_template_refuses_unknown_roles(tokenizer):
 
 def test_labels_are_the_next_assistant_token_and_ignored_elsewhere(tokenizer, tmp_path):
     records = [{"messages": CONVERSATION}, user_assistant("Name a number.", "Seven.")]
-    data = chat_data([write(tmp_path / "chat.jsonl", records)], tokenizer, pack=False, shuffle=False)
+    data = chat_data([write_records(tmp_path / "chat.jsonl", records)], tokenizer, pack=False, shuffle=False)
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape == (2, len(TuluTemplate().encode(tokenizer, CONVERSATION)[0]))
     for row, record in enumerate(records):
@@ -145,7 +141,9 @@ def test_packed_log_probs_equal_each_conversation_alone(tokenizer, tmp_path):
         for a, b in [(3, 4), (12, 30), (7, 7), (100, 1)]
     ]
     records.append({"messages": CONVERSATION})
-    data = chat_data([write(tmp_path / "chat.jsonl", records)], tokenizer, max_length=192, batch_size=8, shuffle=False)
+    data = chat_data(
+        [write_records(tmp_path / "chat.jsonl", records)], tokenizer, max_length=192, batch_size=8, shuffle=False
+    )
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=192)
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape == (len(data.datasets["train"]), 192)
@@ -194,7 +192,7 @@ def test_skips_are_counted_by_reason_and_truncation_keeps_what_fits(tokenizer, t
         {"text": "not chat"},
         "{not json",
     ]
-    data = chat_data([write(tmp_path / "chat.jsonl", records)], tokenizer, max_length=64)
+    data = chat_data([write_records(tmp_path / "chat.jsonl", records)], tokenizer, max_length=64)
     assert data.skipped == {
         "train": {
             TRUNCATED: 1,
@@ -213,7 +211,9 @@ def test_skips_are_counted_by_reason_and_truncation_keeps_what_fits(tokenizer, t
 
 
 def test_nothing_trainable_is_a_one_line_error(tokenizer, tmp_path):
-    path = write(tmp_path / "chat.jsonl", [user_assistant("word " * 100, "late"), {"messages": [{"role": "x"}]}])
+    path = write_records(
+        tmp_path / "chat.jsonl", [user_assistant("word " * 100, "late"), {"messages": [{"role": "x"}]}]
+    )
     with pytest.raises(ValueError) as error:
         chat_data([path], tokenizer, max_length=32)
     message = str(error.value)
@@ -225,7 +225,7 @@ def test_nothing_trainable_is_a_one_line_error(tokenizer, tmp_path):
 
 
 def test_refusals_are_one_line_errors(tokenizer, tmp_path):
-    good = write(tmp_path / "chat.jsonl", [user_assistant("Hi?", "Hello.")])
+    good = write_records(tmp_path / "chat.jsonl", [user_assistant("Hi?", "Hello.")])
     cases = [
         (dict(train=[good]), r"^ChatData needs the model's tokenizer: set data.tokenizer"),
         (dict(train=[good], tokenizer=tokenizer, val=[good], val_fraction=0.1), r"^set either val files or val_"),
@@ -252,7 +252,7 @@ def test_jsonl_gz_and_parquet_give_the_same_rows(tokenizer, tmp_path):
     import pyarrow.parquet as pq
 
     records = [user_assistant(f"Question {i}?", f"Answer {i}.") for i in range(6)] + [{"messages": CONVERSATION}]
-    plain = write(tmp_path / "a.jsonl", records)
+    plain = write_records(tmp_path / "a.jsonl", records)
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "a.parquet")
@@ -268,8 +268,10 @@ def test_jsonl_gz_and_parquet_give_the_same_rows(tokenizer, tmp_path):
 
 def test_val_fraction_holds_out_by_content(tokenizer, tmp_path):
     records = [user_assistant(f"Question {i}?", f"Answer {i}.") for i in range(200)]
-    forward = chat_data([write(tmp_path / "a.jsonl", records)], tokenizer, val_fraction=0.2, shuffle=False)
-    backward = chat_data([write(tmp_path / "b.jsonl", records[::-1])], tokenizer, val_fraction=0.2, shuffle=False)
+    forward = chat_data([write_records(tmp_path / "a.jsonl", records)], tokenizer, val_fraction=0.2, shuffle=False)
+    backward = chat_data(
+        [write_records(tmp_path / "b.jsonl", records[::-1])], tokenizer, val_fraction=0.2, shuffle=False
+    )
 
     def conversations(data, split):
         chats = data.datasets[split].chats

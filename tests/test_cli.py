@@ -25,7 +25,7 @@ import yaml
 
 from moxin_lightning.cli import main
 from moxin_lightning.model.config import ModelConfig
-from tests.prepared_data import TINY_PRETRAIN_MODEL, write_dataset
+from tests.prepared_data import TINY_PRETRAIN_MODEL, fresh_environment, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = {name: ROOT / "conf" / f"{name}.yaml" for name in ("phase1", "phase2", "phase3")}
@@ -378,12 +378,7 @@ def curves(release: Path) -> dict[str, list[tuple[int, float]]]:
 def test_the_readme_job_trains_phase1_on_a_cpu_and_phase2_starts_from_its_release(tmp_path):
     """`fit --config conf/phase1.yaml --config conf/local.yaml` from nothing (tokenizer and corpus made on first
     use, W&B offline): validation loss falls clearly and the release appears; phase 2 then starts from it."""
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path / "home"),
-        "MOXIN_CACHE": str(tmp_path / "cache"),
-        "WANDB_MODE": "offline",
-    }
+    env = fresh_environment(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
 

@@ -336,3 +336,31 @@ def test_complete_resets_the_session_between_prompts(trained):
     first = complete(loaded, "The lazy", session, settings(), io.StringIO(), None)
     again = complete(loaded, "The lazy", session, settings(), io.StringIO(), None)
     assert first == again == generate(loaded.model, [loaded.tokenizer.encode("The lazy", bos=True)], 12, eos_id=2)[0]
+
+
+def test_a_checkpoint_that_does_not_fit_its_model_is_named_tensor_by_tensor(tmp_path, trained):
+    """`check_state`, shared by `load_model` and `init_from`: the first missing, misshapen or extra tensor."""
+    from moxin_lightning.model.config import ModelConfig
+    from moxin_lightning.tasks.init_from import read_initial_state
+
+    module, ckpt = trained
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["state_dict"]["model.norm.weight"]
+    torch.save(saved, tmp_path / "partial.ckpt")
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path / "partial.ckpt")
+    assert str(error.value) == (
+        f"{tmp_path / 'partial.ckpt'} lacks 'norm.weight'; the checkpoint does not match its own model_config"
+    )
+    smaller = ModelConfig(**{**saved["model_config"], "n_layers": 1})
+    with pytest.raises(CheckpointError) as error:
+        read_initial_state(ckpt, smaller)
+    assert str(error.value) == (
+        f"{ckpt} has unexpected tensor 'blocks.1.attn.k_proj.weight'; set the task's preset/model overrides to "
+        "match the checkpoint"
+    )
+    wider = ModelConfig(**{**saved["model_config"], "ffn_dim": 96})
+    with pytest.raises(
+        CheckpointError, match=r"'blocks.0.mlp.gate_proj.weight' has shape \(128, 64\), the model needs \(96, 64\); set"
+    ):
+        read_initial_state(ckpt, wider)

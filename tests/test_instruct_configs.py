@@ -26,6 +26,7 @@ from moxin_lightning.hf import import_hf
 from moxin_lightning.model.transformer import same_weights
 from moxin_lightning.tasks.dpo import DPO
 from moxin_lightning.tokenizers import SentencePieceTokenizer, TuluTemplate
+from tests.prepared_data import fresh_environment
 from tests.test_cli import (  # noqa: F401  (command_line: the autouse fixture that keeps pytest's argv from LightningCLI)
     LOCAL,
     PHASES,
@@ -233,12 +234,7 @@ def test_the_instruct_chain_runs_on_a_cpu_pretraining_then_sft_then_dpo(tmp_path
     """phase 1 (short) -> SFT from its release -> DPO from SFT's release, each with its local overlay, in a fresh
     working folder and cache. SFT's first step is scored on phase 1's weights; DPO's first step on a policy equal
     to its (cached) reference, so its loss is ln 2 and its reward margin 0."""
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path / "home"),
-        "MOXIN_CACHE": str(tmp_path / "cache"),
-        "WANDB_MODE": "offline",
-    }
+    env = fresh_environment(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     seconds: dict[str, float] = {}

@@ -3,8 +3,6 @@ record shapes (a plain answer, GSM8K's `#### N`, MATH's boxed solution), counted
 none is left, the built-in offline prompts, the split of the prompts between two processes, and `conf/grpo.yaml`
 (with its CPU overlay) as `--print_config` resolves it."""
 
-import json
-
 import pytest
 import torch
 
@@ -25,6 +23,7 @@ from moxin_lightning.data.builtin_chat import ANSWER_INSTRUCTION, arithmetic_pro
 from moxin_lightning.data.sources import BAD_JSON, DataError
 from moxin_lightning.tokenizers import SentencePieceTokenizer, train_tokenizer
 from moxin_lightning.tokenizers.chat import TuluTemplate
+from tests.prepared_data import write_records
 
 from .test_chat_data import solve
 from .test_cli import ROOT, command_line, configs, printed_config  # noqa: F401  (command_line: autouse fixture)
@@ -42,11 +41,6 @@ def tokenizer(tmp_path_factory) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(folder)
 
 
-def write(path, records) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
-
-
 def prompt_data(files, tokenizer, **kwargs) -> PromptData:
     data = PromptData(list(files), tokenizer=tokenizer, **{"max_prompt_length": 256, "batch_size": 4, **kwargs})
     data.setup("fit")
@@ -58,7 +52,7 @@ def prompt_data(files, tokenizer, **kwargs) -> PromptData:
 
 def test_prompt_ids_are_the_template_encoding_with_the_generation_prompt(tmp_path, tokenizer):
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
-    files = write(
+    files = write_records(
         tmp_path / "p.jsonl",
         [{"prompt": "What is 6 * 7?", "answer": "42"}, {"prompt": conversation, "answer": "5"}],
     )
@@ -111,7 +105,7 @@ def test_unusable_records_are_skipped_and_counted_and_none_left_is_a_one_line_er
         {"prompt": long_question, "answer": "1"},
         "{not json",
     ]
-    path = write(tmp_path / "p.jsonl", records)
+    path = write_records(tmp_path / "p.jsonl", records)
     data = prompt_data([path], tokenizer, max_prompt_length=64)
     assert len(data.datasets["train"]) == 1
     assert data.skipped["train"] == {
@@ -127,7 +121,7 @@ def test_unusable_records_are_skipped_and_counted_and_none_left_is_a_one_line_er
     assert data.skipped_examples["train"][0] == f"{path}:2: {NO_PROMPT}"
     assert "train: 1 prompts; skipped 8" in data.summary()
 
-    only_long = write(tmp_path / "long.jsonl", [{"prompt": long_question, "answer": "1"}] * 3)
+    only_long = write_records(tmp_path / "long.jsonl", [{"prompt": long_question, "answer": "1"}] * 3)
     with pytest.raises(ValueError) as error:
         prompt_data([only_long], tokenizer, max_prompt_length=64)
     assert str(error.value) == (

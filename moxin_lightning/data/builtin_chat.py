@@ -18,7 +18,6 @@ a (chosen, rejected) pair.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from moxin_lightning.atomic import written_file
 from moxin_lightning.data.sources import DataError
 
 PREFIX = "builtin-chat:"
@@ -77,15 +77,9 @@ def records_of(spec: str) -> Iterator[dict[str, Any]]:
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write records as JSON lines to a temporary sibling, renamed to `path` once complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with written_file(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
 

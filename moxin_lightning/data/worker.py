@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from moxin_lightning.atomic import written_file
 from moxin_lightning.data.shards import DTYPE
 from moxin_lightning.data.sources import DataError, Record, Source, SourceStats
 from moxin_lightning.tokenizers.base import Tokenizer
@@ -163,6 +163,5 @@ def read_reports(stats_dir: Path, kind: str = "json") -> list[dict[str, Any]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with written_file(path) as temporary:
+        temporary.write_text(text)

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from moxin_lightning.evaluation.task_sets import parse_task_names, resolve_tasks
+from moxin_lightning.release.write import DTYPES
 
 BACKENDS = ("moxin", "hf")
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 def default_output(checkpoint: Path, backend: str, names: list[str]) -> Path:
@@ -159,14 +159,11 @@ def _write_json(path: Path, results: dict[str, Any]) -> None:
     """The whole file or nothing: written to a temporary sibling, then renamed over `path`."""
     from lm_eval.utils import handle_non_serializable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from moxin_lightning.atomic import written_file
+
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with written_file(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -211,7 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer for a checkpoint that holds none")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="cast the weights (default: as stored)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as stored)")
     parser.add_argument(
         "--max_length", type=int, default=None, help="longest token window (default: the model's max_seq_len)"
     )

@@ -7,13 +7,13 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from moxin_lightning.atomic import written_file
 from moxin_lightning.sweep.spec import SweepSpec
 
 STATES = {
@@ -115,7 +115,5 @@ def _blank(value: Any) -> Any:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write a temporary sibling, then rename it over `path`: readers see the old or the new file, never half."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with written_file(path) as temporary:
+        temporary.write_text(text)

@@ -10,13 +10,12 @@ of them recomputes it, and the cached run holds no second model in memory.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from moxin_lightning.atomic import remove_stale_temporaries
+from moxin_lightning.atomic import remove_stale_temporaries, written_file
 from moxin_lightning.first_use import cache_root
 from moxin_lightning.losses import IGNORE_INDEX, dpo_loss
 from moxin_lightning.model.transformer import Transformer
@@ -153,11 +152,9 @@ class DPO(TrainingTask):
         if torch.isnan(table).any():
             raise ValueError(f"reference log-probs are missing for some {split} pairs; the data loader skipped them")
         if self.trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(path)
-            temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-cache"
-            torch.save(table, temporary)
-            temporary.replace(path)
+            with written_file(path) as temporary:
+                torch.save(table, temporary)
         self.trainer.strategy.barrier("reference log-probs cached")
         return table
 

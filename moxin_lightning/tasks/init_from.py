@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from moxin_lightning.checkpoint import read_training_checkpoint
+from moxin_lightning.checkpoint import check_state, read_training_checkpoint
 from moxin_lightning.hf import CheckpointError, config_from_hf, import_hf
 from moxin_lightning.model.config import ModelConfig
 
@@ -32,7 +32,7 @@ def read_initial_state(path: str | Path, config: ModelConfig) -> dict[str, torch
         _check_shapes(config_from_hf(json.loads((source / "config.json").read_text())), config, source)
         return import_hf(source).state_dict()
     state, _ = read_training_checkpoint(source)
-    _check_state(state, config, source)
+    check_state(state, config, source, "set the task's preset/model overrides to match the checkpoint")
     return state
 
 
@@ -47,21 +47,3 @@ def _check_shapes(found: ModelConfig, config: ModelConfig, where: Path) -> None:
             f"init_from {where} is a different model: {', '.join(differences)}; set the task's preset/model "
             "overrides to match it"
         )
-
-
-def _check_state(state: dict[str, torch.Tensor], config: ModelConfig, where: Path) -> None:
-    from moxin_lightning.model.transformer import Transformer
-
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
-    for name, shape in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{where} lacks {name!r}; it was saved from a different model")
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(
-                f"{where}: {name!r} has shape {tuple(state[name].shape)} but the configured model needs {shape}; "
-                "set the task's preset/model overrides to match the checkpoint"
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise CheckpointError(f"{where} has unexpected tensor {extra[0]!r}; it was saved from a different model")
