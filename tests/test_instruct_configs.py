@@ -80,6 +80,7 @@ def test_sft_is_moxin_instructs_tulu3_sft_from_the_base_model():
     assert config["data"]["class_path"] == "datamodules.ChatData"
     assert data["template"]["class_path"] == "moxin_lightning.tokenizers.TuluTemplate"
     assert data["max_length"] == 4096
+    assert (data["train"], data["pack"]) == (["data/tulu-3-sft-mixture"], False)  # a prepared folder, unpacked
     # the tokenizer comes with the base model: `${model.init_args.init_from}` resolved
     assert data["tokenizer"]["class_path"] == "moxin_lightning.tokenizers.SentencePieceTokenizer"
     assert data["tokenizer"]["init_args"]["path"] == "runs/phase3/release/tokenizer.model"
@@ -131,9 +132,9 @@ def test_the_tokenizer_follows_init_from_when_a_flag_moves_it():
             (
                 "seed_everything", "init_from", "attention", "loss_reduction", "lr", "schedule", "min_lr_ratio",
                 "warmup_ratio", "weight_decay", "max_length", "batch_size", "num_nodes", "precision", "max_epochs",
-                "accumulate_grad_batches", "every_n_epochs",
+                "accumulate_grad_batches", "every_n_epochs", "pack",
             ),
-            ("activation_checkpointing", "compile", "val_fraction", "pack", "gradient_clip_val"),
+            ("activation_checkpointing", "compile", "gradient_clip_val"),
         ),
         (
             DPO_CONF,
@@ -179,7 +180,7 @@ def test_the_sft_overlay_is_a_cpu_run_on_builtin_chat_from_the_local_phase1_rele
     # the model's vocabulary is the local tokenizer's, which the phase 1 release ships
     assert model["model_overrides"]["vocab_size"] == phase1["data"]["init_args"]["tokenizer"]["init_args"]["vocab_size"]
     assert data["train"] == ["builtin-chat:pydoc", "builtin-chat:arithmetic?count=3000"]
-    assert (data["val_fraction"], data["batch_size"], data["pack"]) == (0.02, 4, True)
+    assert (data["val_fraction"], data["batch_size"], data["pack"]) == (0.02, 8, True)
     assert (model["lr"], trainer["max_steps"], trainer["val_check_interval"]) == (2e-3, 150, 50)
     assert trainer["max_steps"] % trainer["val_check_interval"] == 0  # the last validation lands on max_steps
     # what the overlay does not touch stays Moxin's

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -36,12 +37,15 @@ from typing import Any
 
 from moxin_lightning.data import manifest as manifests
 from moxin_lightning.data.builtin import local_parts
+from moxin_lightning.data.prepare_records import FORMATS, encode_records, make_format, plan_units
 from moxin_lightning.data.progress import Progress
 from moxin_lightning.data.publish import check_output, publish, remove_stale_temporaries, staging_folder
+from moxin_lightning.data.records import reasons
 from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens, write_shards
 from moxin_lightning.data.sources import DataError, Source, expand_input
 from moxin_lightning.data.worker import SPLIT_RULE, TokenizeUnits, ValTokens, read_reports
 from moxin_lightning.tokenizers.base import Tokenizer
+from moxin_lightning.tokenizers.chat import ChatTemplate
 from moxin_lightning.tokenizers.load import load_tokenizer
 
 TOKENIZER_FOLDER = "tokenizer"
@@ -77,6 +81,11 @@ def prepare(
     chunk_bytes: int | str = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
     start_method: str | None = None,
+    format: str = "documents",
+    template: ChatTemplate | None = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    instruction: str | None = None,
 ) -> Path:
     """Tokenize `inputs` into `output` (train/, val/, manifest.json) and return `output` as a Path.
 
@@ -87,17 +96,29 @@ def prepare(
     `datamodules.PretrainData`) or "tokens" (`TokensLoader`); see `shards.py`. Raises
     DataError (bad inputs), FileExistsError (OUTPUT holds a dataset and `overwrite` is False, or holds other
     files) or PrepareError (a worker failed), each with a one-line message, before OUTPUT is touched.
+
+    `format` "chat", "preference" or "prompts" prepares instruction records instead of documents (see
+    `prepare_records.py`), encoded with `template` (default Tülu's) and cut to `max_length` tokens (prompts: longer
+    than `max_prompt_length` skipped, `instruction` appended to file records' prompts).
     """
     tokenizer = _load_tokenizer(tokenizer)
+    record_format = make_format(format, tokenizer, template, max_length, max_prompt_length, instruction)
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    val_fraction = float(val_fraction)  # the manifest (so the fingerprint) holds 0.0 whether 0 or 0.0 was passed
     if layout not in LAYOUTS:
         raise DataError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    if "://" in str(output):
-        raise DataError(f"--output {output} must be a local folder; upload the finished folder afterwards")
+    destination = str(output)  # a local folder, or an object-store URL: built locally, then uploaded (remote.py)
+    if "://" in destination:
+        from moxin_lightning.data.remote import staging_for
+
+        output = staging_for(destination, overwrite)  # refuses a dataset already there, before any tokenizing
     output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
-    groups, sources = _plan(inputs, text_key)
+    if record_format is None:
+        groups, sources = _plan(inputs, text_key)
+    else:
+        units = plan_units(record_format, [inputs] if isinstance(inputs, str) else list(inputs))
     workers = num_workers if num_workers is not None else _available_cpus()
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -105,13 +126,30 @@ def prepare(
     staging = staging_folder(output)
     try:
         shards = {"layout": layout, "chunk_bytes": chunk_bytes, "start_method": start_method}
-        reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress)
-        body = _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout)
+        if record_format is None:
+            reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress)
+            body = _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout)
+        else:
+            body = encode_records(
+                record_format,
+                units,
+                staging,
+                val_fraction=val_fraction,
+                seed=seed,
+                workers=workers,
+                shards=shards,
+                progress=progress,
+            )
+            body = {"tokenizer": _tokenizer_entry(tokenizer), **body}
         shutil.rmtree(staging / ".work")
         (staging / TOKENIZER_FOLDER).mkdir()
         tokenizer.save(staging / TOKENIZER_FOLDER)  # the data carries its tokenizer: training and releases use it
         manifests.write(staging, manifests.build(body))
         publish(staging, output, overwrite)
+        if "://" in destination:  # the finished folder goes up, manifest.json last; the local copy is deleted
+            from moxin_lightning.data.remote import publish_remote
+
+            return publish_remote(output, destination, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -202,14 +240,7 @@ def _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text
     names = [name for name in manifests.SPLITS if (staging / name).is_dir()]
     splits = {name: _split_entry(staging / name, [report[name] for report in reports]) for name in names}
     return {
-        "tokenizer": {
-            "fingerprint": tokenizer.fingerprint,
-            "vocab_size": tokenizer.vocab_size,
-            "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id,
-            "path": str(getattr(tokenizer, "path", "")),
-            "saved": TOKENIZER_FOLDER,
-        },
+        "tokenizer": _tokenizer_entry(tokenizer),
         "dtype": DTYPE.__name__,
         "document": DOCUMENT_FORMAT,
         "layout": layout,
@@ -220,6 +251,17 @@ def _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text
         "tokens": sum(split["tokens"] for split in splits.values()),
         "text_key": text_key,
         "sources": [_source_entry(spec, [reports[unit]["source"] for unit in units]) for spec, units in groups],
+    }
+
+
+def _tokenizer_entry(tokenizer: Tokenizer) -> dict[str, Any]:
+    return {
+        "fingerprint": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "path": str(getattr(tokenizer, "path", "")),
+        "saved": TOKENIZER_FOLDER,
     }
 
 
@@ -316,6 +358,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="documents: one litdata item per document (what PretrainData reads); tokens: for TokensLoader",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    records = parser.add_argument_group("instruction records (--format chat | preference | prompts)")
+    records.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="documents",
+        help="documents (pretraining text) or the records SFT (chat), DPO (preference) or GRPO (prompts) read",
+    )
+    records.add_argument(
+        "--template",
+        default=None,
+        help="chat template: a class path (default moxin_lightning.tokenizers.TuluTemplate, the Tülu layout)",
+    )
+    records.add_argument("--max_length", type=int, default=None, help="chat/preference: tokens per sequence")
+    records.add_argument(
+        "--max_prompt_length", type=int, default=None, help="prompts: longest prompt in tokens (longer: skipped)"
+    )
+    records.add_argument("--instruction", default=None, help="prompts: text appended to every file record's prompt")
     parser.set_defaults(run=_run)
 
 
@@ -332,12 +391,33 @@ def _run(args: argparse.Namespace) -> None:
             seed=args.seed,
             layout=args.layout,
             progress=True,
+            format=args.format,
+            template=_template(args.template),
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            instruction=args.instruction,
         )
     except (DataError, PrepareError, OSError, ValueError) as error:
         raise SystemExit(f"prepare: error: {error}") from None
     manifest = manifests.read(output)
+    unit = "documents" if args.format == "documents" else "records"
     splits = ", ".join(
-        f"{name} {split['documents']:,} documents / {split['tokens']:,} tokens"
-        for name, split in manifest["splits"].items()
+        f"{name} {split[unit]:,} {unit} / {split['tokens']:,} tokens" for name, split in manifest["splits"].items()
     )
     print(f"prepared {output}: {splits}; fingerprint {manifest['fingerprint']}")
+    if manifest.get("skipped"):
+        print(f"skipped {sum(manifest['skipped'].values()):,} records: {reasons(manifest['skipped'])}")
+
+
+def _template(class_path: str | None) -> ChatTemplate | None:
+    """The chat template a class path names (instantiated without arguments); DataError when it names none."""
+    if class_path is None:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        template = getattr(importlib.import_module(module), name)()
+    except (ImportError, AttributeError, ValueError, TypeError) as error:
+        raise DataError(f"--template {class_path} is not a chat template class path ({error})") from None
+    if not isinstance(template, ChatTemplate):
+        raise DataError(f"--template {class_path} has no name and encode(); pass a ChatTemplate class path")
+    return template

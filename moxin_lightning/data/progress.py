@@ -37,7 +37,7 @@ class Progress:
     def _print(self) -> None:
         reports = read_reports(self.stats_dir)
         done = sum(report["done"] for report in reports)
-        documents = sum(report["train"]["documents"] + report["val"]["documents"] for report in reports)
+        documents = sum(_records(report, "train") + _records(report, "val") for report in reports)
         tokens = sum(report["train"]["tokens"] + report["val"]["tokens"] for report in reports)
         seconds = time.perf_counter() - self.start
         line = (
@@ -45,3 +45,8 @@ class Progress:
             f"{tokens / max(seconds, 1e-9):,.0f} tokens/s, {seconds:.1f} s\n"
         )
         os.write(sys.stderr.fileno(), line.encode())
+
+
+def _records(report: dict, split: str) -> int:
+    """Documents (documents format) or records (instruction formats) a unit's report counts in `split`."""
+    return report[split].get("documents", report[split].get("records", 0))

@@ -1,0 +1,107 @@
+"""Chat records (Tülu 3 `messages`) -> items of token ids and the assistant mask, for SFT.
+
+A record is `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}` (Tülu 3's SFT
+mixture, open-instruct's and TRL's conversational form), from .jsonl / .json / .parquet files or a built-in chat
+corpus (`builtin-chat:pydoc`, `builtin-chat:arithmetic?count=2000`, see `builtin_chat`).
+
+A conversation is encoded by the chat template (ids, and which ids are the assistant's) and cut to `max_length`
+tokens. Its item is `{"ids": int32[n], "trained": uint8[n]}`; the datamodule turns `trained` into next-token labels
+(`labels[t] = ids[t + 1]` where that token is the assistant's). A record that cannot be used (bad shape, unknown
+role, no assistant turn, or no assistant token left within `max_length`) is skipped and counted under its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from moxin_lightning.data.builtin_chat import PREFIX as BUILTIN_CHAT
+from moxin_lightning.data.builtin_chat import records_of
+from moxin_lightning.data.records import Encoded, Messages, RecordFormat, encode_conversations
+from moxin_lightning.data.sources import INVALID_UTF8, NOT_AN_OBJECT, ObjectRecord
+from moxin_lightning.tokenizers.base import Tokenizer
+from moxin_lightning.tokenizers.chat import ASSISTANT, ROLES, ChatTemplate
+
+MESSAGES = "messages"
+# Why a record was not trained on; the manifest and `ChatData.skipped` count skips under exactly these strings.
+MISSING_MESSAGES = "missing messages"
+BAD_MESSAGES = "messages not a non-empty list of {role, content: str}"
+UNKNOWN_ROLE = "unknown role"
+NO_ASSISTANT = "no assistant turn"
+TRUNCATED = "no assistant token within max_length"
+
+
+def messages_problem(messages: Any) -> str | None:
+    """Why `messages` is not a usable conversation, or None."""
+    if messages is None:
+        return MISSING_MESSAGES
+    if not isinstance(messages, list) or not messages:
+        return BAD_MESSAGES
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return BAD_MESSAGES
+        if message.get("role") not in ROLES:
+            return UNKNOWN_ROLE
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            return INVALID_UTF8
+    if not any(message["role"] == ASSISTANT for message in messages):
+        return NO_ASSISTANT
+    return None
+
+
+def trainable_tokens(trained: list[bool] | np.ndarray) -> int:
+    """Labels a conversation yields: tokens that are the assistant's and have a token before them."""
+    return int(sum(trained[1:]))
+
+
+class ChatFormat(RecordFormat):
+    """`prepare --format chat`: conversations -> {"ids", "trained"}, cut to `max_length` tokens."""
+
+    name = "chat"
+    builtin_prefixes = (BUILTIN_CHAT,)
+    needs = (MESSAGES,)
+    all_columns = False
+    not_text = "{path} is a .txt file; chat records need .jsonl, .json or .parquet with a 'messages' field"
+    missing = "{path} has no column 'messages' (columns: {columns}); chat records need one"
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, max_length: int) -> None:
+        super().__init__(tokenizer, template)
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must be at least 2 (a token and the one it predicts)")
+        self.max_length = max_length
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_length": self.max_length}
+
+    def read_builtin(self, spec: str) -> Iterator[ObjectRecord]:
+        for index, record in enumerate(records_of(spec)):
+            yield ObjectRecord(f"{spec}#{index}", record)
+
+    def parse(self, value: Any) -> Messages | str:
+        if not isinstance(value, dict):
+            return NOT_AN_OBJECT
+        messages = value.get(MESSAGES)
+        problem = messages_problem(messages)
+        if problem:
+            return problem
+        return [{"role": message["role"], "content": message["content"]} for message in messages]
+
+    def split_key(self, parsed: Messages) -> Any:
+        return parsed
+
+    def encode_parsed(self, parsed: list[Messages]) -> list[Encoded | str]:
+        out: list[Encoded | str] = []
+        for ids, trained in encode_conversations(self.template, self.tokenizer, parsed):
+            truncated = len(ids) > self.max_length
+            ids, trained = ids[: self.max_length], trained[: self.max_length]
+            count = trainable_tokens(trained)
+            if count == 0:
+                out.append(TRUNCATED)
+                continue
+            item = {"ids": np.asarray(ids, dtype=np.int32), "trained": np.asarray(trained, dtype=np.uint8)}
+            out.append(Encoded(item, len(ids), count, truncated))
+        return out

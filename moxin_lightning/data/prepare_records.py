@@ -1,0 +1,201 @@
+"""`prepare --format chat|preference|prompts`: instruction records -> litdata shards of items + `manifest.json`.
+
+    python -m moxin_lightning prepare --format chat --input 'tulu-3-sft-mixture/data/*.parquet' \\
+        --tokenizer runs/phase3/release/tokenizer.model --max_length 4096 --output data/tulu-3-sft-mixture
+
+The layout is the one `prepare` writes for documents (`train/`, `val/` when `val_fraction` > 0, `tokenizer/`,
+`manifest.json`), written atomically the same way; the items are the format's (see `chat_records`,
+`preference_records`, `prompt_records`), one per usable record, in input order. The manifest adds what the items
+depend on (`records`: format, template name and fingerprint, `max_length` or `max_prompt_length`, instruction,
+truncation rule) and, per split, the records, tokens, trained tokens, truncated records and every skip by reason;
+the datamodules check those against their own settings before any work.
+
+Called by `prepare.prepare` (which owns the output folder) and by the datamodules, which prepare raw files named
+in their `train` / `val` on first use through this same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from moxin_lightning.data.chat_records import ChatFormat
+from moxin_lightning.data.preference_records import PreferenceFormat
+from moxin_lightning.data.progress import Progress
+from moxin_lightning.data.prompt_records import PromptFormat
+from moxin_lightning.data.record_worker import EncodeRecords, ValItems
+from moxin_lightning.data.records import RECORD_SPLIT_RULE, RecordFormat, SplitCounts, reasons
+from moxin_lightning.data.shards import count_items, write_shards
+from moxin_lightning.data.sources import DataError
+from moxin_lightning.data.worker import read_reports
+from moxin_lightning.tokenizers.base import Tokenizer
+from moxin_lightning.tokenizers.chat import TULU, ChatTemplate
+
+RECORD_LAYOUT = "records"
+# Defaults when --max_length / --max_prompt_length is not given: Moxin-Instruct's SFT and DPO lengths, and
+# Moxin-Reasoning's prompt length.
+DEFAULT_MAX_LENGTH = {"chat": 4096, "preference": 2048, "prompts": 1024}
+ITEM_KEYS = {
+    "chat": "ids (int32), trained (uint8)",
+    "preference": "prompt, chosen, rejected (int32), chosen_trained, rejected_trained (uint8)",
+    "prompts": "ids (int32), text (str), answer (str)",
+}
+
+
+FORMATS = ("documents", "chat", "preference", "prompts")
+
+
+def make_format(
+    name: str,
+    tokenizer: Tokenizer,
+    template: ChatTemplate | None = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    instruction: str | None = None,
+) -> RecordFormat | None:
+    """The record format `name` with its settings (None for documents); DataError for a setting it does not take."""
+    if name not in FORMATS:
+        raise DataError(f"--format {name!r} is not one of {', '.join(FORMATS)}")
+    given = {"max_length": max_length, "max_prompt_length": max_prompt_length, "instruction": instruction}
+    takes = {"documents": (), "chat": ("max_length",), "preference": ("max_length",)}.get(
+        name, ("max_prompt_length", "instruction")
+    )
+    extra = [key for key, value in given.items() if value is not None and key not in takes]
+    if extra or (name == "documents" and template is not None):
+        raise DataError(f"--{(extra or ['template'])[0]} does not apply to --format {name}; drop it")
+    if name == "documents":
+        return None
+    template = template or TULU
+    if name == "chat":
+        return ChatFormat(tokenizer, template, max_length or DEFAULT_MAX_LENGTH["chat"])
+    if name == "preference":
+        return PreferenceFormat(tokenizer, template, max_length or DEFAULT_MAX_LENGTH["preference"])
+    return PromptFormat(tokenizer, template, max_prompt_length or DEFAULT_MAX_LENGTH["prompts"], instruction)
+
+
+def plan_units(record_format: RecordFormat, inputs: list[str]) -> list[str]:
+    """Every unit of work the inputs name, in order; DataError (one line) for an input that names none, a file the
+    format cannot read, or a file listed twice, before any work."""
+    if not inputs:
+        raise DataError("no --input given; pass files, globs, URLs or a built-in corpus")
+    units: list[str] = []
+    for spec in inputs:
+        found = record_format.units(str(spec))
+        if not found:
+            raise DataError(f"--input {spec} holds no records")
+        repeated = sorted(set(units) & set(found))
+        if repeated:
+            raise DataError(f"--input {repeated[0]} is listed twice; each file is read once, so pass it once")
+        units.extend(found)
+    return units
+
+
+def encode_records(
+    record_format: RecordFormat,
+    units: list[str],
+    staging: Path,
+    *,
+    val_fraction: float,
+    seed: int,
+    workers: int,
+    shards: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """Write staging/train (and staging/val) and return the manifest body's record-specific part."""
+    work = staging / ".work"
+    stats_dir, val_dir = work / "stats", work / "val"
+    stats_dir.mkdir(parents=True)
+    val_dir.mkdir()
+    shards = {**shards, "cache_dir": work / "litdata", "layout": "documents"}
+    fn = EncodeRecords(units, record_format, val_fraction, seed, stats_dir, val_dir)
+    monitor = Progress(stats_dir, len(units)) if progress else None
+    try:
+        write_shards(fn, len(units), staging / "train", num_workers=workers, **shards)
+    finally:
+        if monitor is not None:
+            monitor.stop()
+    errors = read_reports(stats_dir, "error")
+    if errors:
+        if errors[0]["data_error"]:
+            raise DataError(errors[0]["message"])
+        raise _prepare_error(errors[0]["message"], errors[0]["traceback"])
+    reports = [report for report in read_reports(stats_dir) if report["done"]]
+    if [report["unit"] for report in reports] != list(range(len(units))):
+        raise _prepare_error(f"only {len(reports)} of {len(units)} inputs were finished; rerun prepare")
+    splits = {split: _split_counts(reports, split) for split in ("train", "val")}
+    _check_splits(record_format, splits, val_fraction, units)
+    if val_fraction > 0:
+        val_files = sorted(val_dir.glob("*.pkl"))
+        write_shards(ValItems(val_files), len(val_files), staging / "val", num_workers=1, **shards)
+    entries = {}
+    for split in ("train", "val") if val_fraction > 0 else ("train",):
+        counts, digest = splits[split]
+        folder = staging / split
+        entry = {"path": split, **counts.to_dict(), "chunks": len(list(folder.glob("chunk-*.bin"))), "sha256": digest}
+        if count_items(folder) != counts.records:
+            raise _prepare_error(
+                f"{split}: litdata holds {count_items(folder)} items, the workers made {counts.records}"
+            )
+        entries[split] = entry
+    skipped = Counter()
+    for counts, _ in splits.values():
+        skipped.update(counts.skipped)
+    return {
+        "records": record_format.describe(),
+        "layout": RECORD_LAYOUT,
+        "read_with": f"litdata.StreamingDataset(dir): one dict per record: {ITEM_KEYS[record_format.name]}",
+        "split": {"val_fraction": val_fraction, "seed": seed, "rule": RECORD_SPLIT_RULE},
+        "splits": entries,
+        "documents": sum(entry["records"] for entry in entries.values()),
+        "tokens": sum(entry["tokens"] for entry in entries.values()),
+        "skipped": dict(sorted(skipped.items())),
+        "sources": [
+            {
+                "input": report["input"],
+                "path": report["input"],
+                "read": report["read"],
+                "records": report["train"]["records"] + report["val"]["records"],
+                "skipped": dict(
+                    sorted((Counter(report["train"]["skipped"]) + Counter(report["val"]["skipped"])).items())
+                ),
+            }
+            for report in reports
+        ],
+    }
+
+
+def _split_counts(reports: list[dict[str, Any]], split: str) -> tuple[SplitCounts, str]:
+    """A split's counts summed over the units, and the sha256 of the units' item digests in unit order."""
+    counts, digest = SplitCounts(), hashlib.sha256()
+    for report in reports:
+        counts.add(report[split])
+        digest.update(bytes.fromhex(report[split]["sha256"]))
+    return counts, digest.hexdigest()
+
+
+def _check_splits(record_format: RecordFormat, splits: dict[str, Any], val_fraction: float, units: list[str]) -> None:
+    """One-line errors for a split left with no usable record, naming the inputs, what was skipped and why."""
+    train, _ = splits["train"]
+    val, _ = splits["val"]
+    settings = ", ".join(f"{key}={value}" for key, value in record_format.settings().items() if value is not None)
+    if train.records + val.records == 0:
+        skipped = reasons(train.skipped + val.skipped) or "no records"
+        inputs = ", ".join(units[:3]) + (f" and {len(units) - 3} more" if len(units) > 3 else "")
+        length = next((key for key in record_format.settings() if key.startswith("max_")), None)
+        fix = "check the records" + (f", or raise {length}" if length else "")
+        raise DataError(f"no usable {record_format.name} record in {inputs} at {settings} (skipped: {skipped}); {fix}")
+    if val_fraction > 0 and val.records == 0:
+        raise DataError(
+            f"val_fraction {val_fraction} held out none of the {train.records} usable {record_format.name} records; "
+            "raise val_fraction, or use 0 for no val split"
+        )
+    if train.records == 0:
+        raise DataError(f"val_fraction {val_fraction} put all {val.records} records in val; lower val_fraction")
+
+
+def _prepare_error(message: str, details: str = "") -> Exception:
+    from moxin_lightning.data.prepare import PrepareError  # prepare.py imports this module
+
+    return PrepareError(message, details)
