@@ -25,7 +25,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.packing import TokenPacker
-from moxin_lightning.data import manifest
+from moxin_lightning.data import manifest, remote  # remote: litdata's chunk downloads over http:// too
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
 from moxin_lightning.first_use import build_once, cached_folder
 from moxin_lightning.tokenizers import Tokenizer, load_tokenizer
@@ -133,10 +133,15 @@ class PretrainData(L.LightningDataModule):
 
     @property
     def tokenizer(self) -> Tokenizer | None:
-        """The configured tokenizer, or the one saved with the first dataset (None for remote data)."""
+        """The configured tokenizer, or the one saved with the first dataset (from a remote dataset: downloaded
+        once into $MOXIN_CACHE); None when the data carries none."""
         if self._tokenizer is None:
-            saved = Path(self.datasets[0]) / TOKENIZER_FOLDER
-            if "://" not in self.datasets[0] and saved.is_dir():
+            first = self.datasets[0]
+            saved: Path | None = Path(first) / TOKENIZER_FOLDER
+            if remote.is_remote(first):
+                version = self._read_manifests()[0]["tokenizer"]["fingerprint"]
+                saved = remote.cached_copy(f"{first.rstrip('/')}/{TOKENIZER_FOLDER}", version)
+            if saved is not None and saved.is_dir():
                 self._tokenizer = load_tokenizer(saved)
         return self._tokenizer
 
@@ -206,7 +211,7 @@ class PretrainData(L.LightningDataModule):
     def _loaders(self, split: str, shuffle: bool, only: list[int] | None = None) -> list[StreamingDataLoader]:
         return [
             StreamingDataLoader(
-                StreamingDataset(str(Path(path) / split), shuffle=shuffle, seed=self.seed),
+                StreamingDataset(_split_dir(path, split), shuffle=shuffle, seed=self.seed),
                 batch_size=self.docs_per_read,
                 num_workers=self.num_workers,
                 collate_fn=_keep_list,
@@ -264,6 +269,11 @@ class PretrainData(L.LightningDataModule):
         if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
             return trainer.max_steps * trainer.accumulate_grad_batches
         return 10**12
+
+
+def _split_dir(dataset: str, split: str) -> str:
+    """`dataset/split`; a URL keeps its `scheme://` (a Path would make `s3://b/x` into `s3:/b/x`)."""
+    return f"{dataset.rstrip('/')}/{split}" if remote.is_remote(dataset) else str(Path(dataset) / split)
 
 
 class FixedBatches:
