@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import moxin_lightning
 from moxin_lightning.data import manifest as manifests
+from moxin_lightning.data import remote  # remote: litdata's chunk downloads over http:// too
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
 from moxin_lightning.data.prepare_records import RECORD_LAYOUT, plan_units
 from moxin_lightning.data.records import BUILTIN_PREFIXES, RecordFormat, reasons, skip_summary, template_fingerprint
@@ -182,7 +183,13 @@ class RecordData(L.LightningDataModule):
                     f"{type(self).__name__} needs the model's tokenizer for raw records: set data.tokenizer "
                     "(e.g. a LocalTokenizer), or name a prepared folder, which carries its own"
                 )
-            self._tokenizer = load_tokenizer(_local_copy(folder, TOKENIZER_FOLDER))
+            saved: Path | None = Path(folder) / TOKENIZER_FOLDER
+            if remote.is_remote(folder):
+                version = self._manifest(folder)["tokenizer"]["fingerprint"]
+                saved = remote.cached_copy(_join(folder, TOKENIZER_FOLDER), version)
+            if saved is None or not saved.is_dir():
+                raise ValueError(f"{folder} carries no {TOKENIZER_FOLDER}/ folder; set data.tokenizer")
+            self._tokenizer = load_tokenizer(saved)
         return self._tokenizer
 
     # -- preparing raw records on first use ----------------------------------------------------------------
@@ -441,7 +448,7 @@ class RecordData(L.LightningDataModule):
 
 def _is_prepared(entry: str) -> bool:
     """Whether an input names a prepared folder (it has a manifest.json), local or at an object-store URL."""
-    if "://" not in entry:
+    if not remote.is_remote(entry):
         return (Path(entry) / manifests.MANIFEST).is_file()
     if entry.rstrip("/").rsplit("/", 1)[-1].count(".") or any(ch in entry for ch in "*?["):
         return False  # a file or a glob of files
@@ -453,22 +460,7 @@ def _is_prepared(entry: str) -> bool:
 
 
 def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}" if "://" in folder else str(Path(folder) / name)
-
-
-def _local_copy(folder: str, name: str) -> Path:
-    """A local path to `folder/name` (downloaded into the cache first when `folder` is a URL)."""
-    if "://" not in folder:
-        return Path(folder) / name
-    import fsspec
-
-    target = cached_folder("remote", f"{folder}/{name}")
-    if not target.is_dir():
-        fs, path = fsspec.core.url_to_fs(_join(folder, name))
-        staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-        fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
-        staging.rename(target)
-    return target
+    return f"{folder.rstrip('/')}/{name}" if remote.is_remote(folder) else str(Path(folder) / name)
 
 
 def _identity(unit: str) -> Any:

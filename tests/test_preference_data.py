@@ -1,7 +1,9 @@
 """PreferenceData: DPO pairs -> (chosen, rejected) sequences with labels on response tokens only.
 
 A byte tokenizer (id = byte + 3) and a small stand-in template make every expected id computable by hand; the
-default Tülu template is checked on the properties that matter (shared prompt, response-only labels).
+default Tülu template is checked on the properties that matter (shared prompt, response-only labels). Raw record
+files are prepared on first use (`prepare --format preference`'s code, litdata workers included) into a cache
+under each test's own `$MOXIN_CACHE`, and streamed back with litdata.
 """
 
 from __future__ import annotations
@@ -14,20 +16,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
+from litdata.utilities.env import _DistributedEnv
 
-from datamodules.preference import (
-    BAD_JSON,
+from datamodules.preference import PreferenceData, pair_sequences
+from datamodules.records import IndexedDataset, Positions
+from moxin_lightning.data import read_manifest
+from moxin_lightning.data.builtin_chat import arithmetic_problem, wrong_solution
+from moxin_lightning.data.preference_records import (
     MALFORMED,
     MISSING_RESPONSES,
     NO_PROMPT,
     NO_RESPONSE_TOKEN,
-    NOT_AN_OBJECT,
     NOT_ASSISTANT,
     UNKNOWN_ROLE,
-    PreferenceData,
 )
-from moxin_lightning.data.builtin_chat import arithmetic_problem, wrong_solution
+from moxin_lightning.data.prepare import prepare
+from moxin_lightning.data.sources import BAD_JSON, NOT_AN_OBJECT
 from moxin_lightning.tokenizers.chat import TULU
 
 BOS, EOS, PAD = 1, 2, -1  # no pad piece: padding falls back to EOS
@@ -76,6 +80,12 @@ class MiniTemplate:
         return ids, trained
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Raw records are prepared on first use into $MOXIN_CACHE/records: each test gets its own."""
+    monkeypatch.setenv("MOXIN_CACHE", str(tmp_path / "cache"))
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     lines = [record if isinstance(record, str) else json.dumps(record) for record in records]
     opener = gzip.open if path.suffix == ".gz" else open
@@ -93,6 +103,12 @@ def loaded(tmp_path: Path, records: list, name: str = "pairs.jsonl", **kwargs) -
 
 def first_batch(data: PreferenceData, split: str = "train") -> dict[str, torch.Tensor]:
     return next(iter(data.ordered_dataloader(split)))
+
+
+def items(data: PreferenceData, split: str = "train") -> list[dict]:
+    """Every pair of a split in index order, as its sequences: {chosen, rejected}_{input_ids, labels}, pair_index."""
+    stream = Positions(data.streams[split])
+    return [{**pair_sequences(item), "pair_index": item["index"]} for item in stream]
 
 
 def trimmed(item: dict, key: str) -> list[int]:
@@ -137,15 +153,15 @@ def test_tulu_prompt_is_shared_and_only_the_response_is_labelled(tmp_path):
 def test_left_truncation_keeps_the_bos_and_the_response(tmp_path):
     record = {"prompt": "x" * 50, "chosen": "yes", "rejected": "nope"}
     data = loaded(tmp_path, [record], max_length=20)
-    item = data.datasets["train"][0]
+    (item,) = items(data)
     kept_prompt = [BOS] + b("x" * 12 + "a:")  # 20 - len('nope' EOS) - BOS = 14 prompt tokens from the right
     assert trimmed(item, "rejected_input_ids") == kept_prompt + b("nope") + [EOS]
     assert trimmed(item, "chosen_input_ids") == kept_prompt + b("yes") + [EOS]
     assert trimmed(item, "chosen_labels") == [-100] * 14 + b("yes") + [EOS, -100]
-    assert data.datasets["train"].pairs.truncated == 1
+    assert data.split_entry("train")["truncated"] == 1
 
     data = loaded(tmp_path, [record], max_length=4)  # no prompt text fits: responses are cut from the right
-    item = data.datasets["train"][0]
+    (item,) = items(data)
     assert trimmed(item, "chosen_input_ids") == [BOS] + b("yes")
     assert trimmed(item, "rejected_input_ids") == [BOS] + b("nop")
     assert trimmed(item, "rejected_labels") == b("nop") + [-100]
@@ -166,7 +182,7 @@ def test_unusable_records_are_skipped_and_counted(tmp_path):
         good,
     ]
     data = loaded(tmp_path, records)
-    assert len(data.datasets["train"]) == 2
+    assert data.pair_count() == 2
     assert data.skipped["train"] == {
         BAD_JSON: 1,
         NOT_AN_OBJECT: 1,
@@ -176,24 +192,29 @@ def test_unusable_records_are_skipped_and_counted(tmp_path):
         UNKNOWN_ROLE: 1,
         NOT_ASSISTANT: 1,
     }
-    assert data.skipped_examples["train"][0] == f"{tmp_path / 'pairs.jsonl'}:2: {BAD_JSON}"
-    assert "train: 2 pairs (0 cut); skipped 7" in data.summary()
+    assert data.split_entry("train")["skipped_examples"][0] == f"{tmp_path / 'pairs.jsonl'}:2: {BAD_JSON}"
+    listed = ", ".join(f"{reason}: 1" for reason in sorted(data.skipped["train"]))
+    # two pairs of BOS 'u:q' 'a:' (6 tokens, in both sequences) and 'a' / 'b' + EOS (2 trained tokens each)
+    assert data.summary() == (
+        f"PreferenceData (mini template) train: 2 records (0 truncated), 32 tokens (8 trained); skipped 7 ({listed})"
+    )
 
 
 def test_a_pair_without_response_labels_is_skipped_and_none_left_is_a_one_line_error(tmp_path):
     bare = MiniTemplate(generation_header=False)  # a reply starts with its untrained 'a:' header
     records = [{"prompt": "q" * 30, "chosen": "yes", "rejected": "no"}, {"prompt": "q", "chosen": "y", "rejected": "n"}]
     data = loaded(tmp_path, records, template=bare, max_length=4)  # BOS 'a:' and one reply token
-    assert [trimmed(data.datasets["train"][i], "chosen_input_ids") for i in (0, 1)] == [[BOS, *b("a:y")]] * 2
-    assert trimmed(data.datasets["train"][0], "rejected_labels") == [-100, -100, *b("n"), -100]
-    assert data.datasets["train"].pairs.truncated == 2
+    kept = items(data)
+    assert [trimmed(kept[i], "chosen_input_ids") for i in (0, 1)] == [[BOS, *b("a:y")]] * 2
+    assert trimmed(kept[0], "rejected_labels") == [-100, -100, *b("n"), -100]
+    assert data.split_entry("train")["truncated"] == 2
     with pytest.raises(ValueError) as error:
         loaded(tmp_path, records, template=bare, max_length=3)  # BOS 'a:': no reply token left in either pair
     message = str(error.value)
     assert "\n" not in message
     assert message == (
-        f"no usable preference pair in train data {[str(tmp_path / 'pairs.jsonl')]} at max_length=3 (skipped: "
-        f"{NO_RESPONSE_TOKEN}: 2); check the records' prompt/chosen/rejected fields or raise max_length"
+        f"no usable preference record in {tmp_path / 'pairs.jsonl'} at max_length=3, truncation=prompt_first "
+        f"(skipped: {NO_RESPONSE_TOKEN}: 2); check the records, or raise max_length"
     )
 
 
@@ -212,19 +233,21 @@ def test_record_conventions_give_the_same_tensors(tmp_path, template):
         {"prompt": [{**user, "name": "x"}], "chosen": [{**a, "extra": 1}], "rejected": [b_]},  # extra keys ignored
     ]
     data = loaded(tmp_path, records, template=template)
-    items = [data.datasets["train"][index] for index in range(len(records))]
-    for item in items[1:]:
+    made = items(data)
+    assert len(made) == len(records)
+    for item in made[1:]:
         for key in KEYS[:4]:
-            assert item[key].tolist() == items[0][key].tolist(), key
+            assert item[key].tolist() == made[0][key].tolist(), key
     # the same records from a compressed jsonl and a parquet file
     write_jsonl(tmp_path / "more.jsonl.gz", records[:1])
     pq.write_table(pa.Table.from_pylist([records[5]]), tmp_path / "more.parquet")
     files = [str(tmp_path / "more.jsonl.gz"), str(tmp_path / "more.parquet")]
     other = PreferenceData(files, tokenizer=ByteTokenizer(), template=template)
     other.setup()
-    for index in range(2):
+    assert other.pair_count() == 2
+    for item in items(other):
         for key in KEYS[:4]:
-            assert other.datasets["train"][index][key].tolist() == items[0][key].tolist(), key
+            assert item[key].tolist() == made[0][key].tolist(), key
 
 
 def pairs(count: int) -> list[dict]:
@@ -234,30 +257,48 @@ def pairs(count: int) -> list[dict]:
 
 
 def test_pair_index_is_stable_across_shuffles_and_processes(tmp_path):
+    """pair_index is the pair's position in its split: a batch row holds that pair's tensors whatever the epoch's
+    order, the seed, or the process litdata hands the pair to."""
     data = loaded(tmp_path, pairs(10), shuffle=True, batch_size=3)
-    dataset = data.datasets["train"]
+    by_index = items(data)
+    assert [item["pair_index"] for item in by_index] == list(range(10))
+
+    def check_rows(batch: dict[str, torch.Tensor]) -> list[int]:
+        for row, index in enumerate(batch["pair_index"].tolist()):
+            item = by_index[index]
+            for key in KEYS[:4]:
+                width = len(item[key])
+                assert batch[key][row, :width].tolist() == item[key].tolist()
+                filler = -100 if key.endswith("labels") else EOS
+                assert (batch[key][row, width:] == filler).all()
+        return batch["pair_index"].tolist()
+
+    loader = data.train_dataloader()
     orders = []
-    for epoch in (0, 1):
-        loader = data.train_dataloader()
-        loader.sampler.set_epoch(epoch)
-        order = []
-        for batch in loader:
-            for row, index in enumerate(batch["pair_index"].tolist()):
-                item = dataset[index]
-                for key in KEYS[:4]:
-                    width = len(item[key])
-                    assert batch[key][row, :width].tolist() == item[key].tolist()
-                    filler = -100 if key.endswith("labels") else EOS
-                    assert (batch[key][row, width:] == filler).all()
-                order.append(index)
+    for _epoch in (1, 2):  # each pass over the loader is the next epoch, reshuffled from (seed, epoch)
+        order = [index for batch in loader for index in check_rows(batch)]
         assert sorted(order) == list(range(10))
         orders.append(order)
     assert orders[0] != orders[1] != list(range(10))
+    assert orders[0] != list(range(10))
+    assert [i for batch in data.train_dataloader() for i in check_rows(batch)] == orders[0]  # epoch 1 again
     again = loaded(tmp_path, pairs(10), shuffle=True, batch_size=3, seed=7)
-    assert [again.datasets["train"][i]["chosen_input_ids"].tolist() for i in range(10)] == [
-        dataset[i]["chosen_input_ids"].tolist() for i in range(10)
+    assert [item["chosen_input_ids"].tolist() for item in items(again)] == [
+        item["chosen_input_ids"].tolist() for item in by_index
     ]
-    shares = [list(DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True)) for rank in (0, 1)]
+    # two processes: litdata gives each a share of the split; an item's index is still its position in the split
+    folder = str(Path(data.datasets[0]) / "train")
+    shares = []
+    for rank in (0, 1):
+        stream = IndexedDataset(folder, shuffle=True, seed=data.seed, drop_last=True)
+        stream.distributed_env = _DistributedEnv(world_size=2, global_rank=rank, num_nodes=1)  # as in process rank
+        share = []
+        for item in stream:
+            for key, value in pair_sequences(item).items():
+                assert value.tolist() == by_index[item["index"]][key].tolist()
+            share.append(item["index"])
+        shares.append(share)
+    assert len(shares[0]) == len(shares[1]) == 5
     assert sorted(shares[0] + shares[1]) == list(range(10))
 
 
@@ -271,11 +312,22 @@ def test_fingerprint_follows_data_template_and_max_length_not_batching(tmp_path)
     changed[4]["rejected"] = "no 5"
     assert loaded(tmp_path, changed).fingerprint != base
     assert loaded(tmp_path, pairs(6)[::-1]).fingerprint != base  # pair_index order is part of it
+    # it is the prepared folder's: `prepare --format preference` of the same records, from another file and into
+    # any folder, gives it too (the raw records above were prepared on first use through the same code)
+    source = write_jsonl(tmp_path / "elsewhere.jsonl", pairs(6))
+    options = dict(format="preference", template=MiniTemplate(), max_length=2048, val_fraction=0, num_workers=1)
+    folder = prepare([str(source)], ByteTokenizer(), tmp_path / "prepared", **options)
+    assert read_manifest(folder)["records"]["max_length"] == 2048
+    moved = folder.rename(tmp_path / "moved")
+    prepared = PreferenceData([str(moved)], tokenizer=ByteTokenizer(), template=MiniTemplate(), batch_size=5)
+    assert prepared.fingerprint == base
+    prepared.setup()
+    assert prepared.max_length == 2048 and prepared.pair_count() == 6
 
 
 def test_validation_from_files_or_a_held_out_share(tmp_path):
     data = loaded(tmp_path, pairs(40) + pairs(40), val_fraction=0.25)
-    train, val = data.datasets["train"], data.datasets["val"]
+    train, val = items(data, "train"), items(data, "val")
     assert len(train) + len(val) == 80 and 0 < len(val) < 40
 
     def prompts(dataset):
@@ -303,7 +355,9 @@ def test_configuration_errors_are_one_line(tmp_path):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             loaded(tmp_path, records, **kwargs)
-    with pytest.raises(ValueError, match="builtin-chat:arithmetic holds no preference pairs"):
+    wrong_corpus = "builtin-chat:arithmetic holds no preference records; the built-in preference corpora are "
+    wrong_corpus += "builtin-pairs:"
+    with pytest.raises(ValueError, match=wrong_corpus):
         PreferenceData(["builtin-chat:arithmetic"], tokenizer=ByteTokenizer()).setup()
 
     class NotAPrefix(MiniTemplate):
@@ -322,12 +376,13 @@ def test_builtin_arithmetic_pairs_are_deterministic_correct_versus_wrong():
         return data
 
     data = make("builtin-pairs:arithmetic?count=30")
-    assert len(data.datasets["train"]) == 30
+    assert data.pair_count() == 30
+    made = items(data)
     assert make("builtin-pairs:arithmetic?count=30").fingerprint == data.fingerprint
     assert make("builtin-pairs:arithmetic?count=30&seed=1").fingerprint != data.fingerprint
     tokenizer = ByteTokenizer()
     for index in range(30):
-        item = data.datasets["train"][index]
+        item = made[index]
         question, _, answer = arithmetic_problem(index)
         _, wrong = wrong_solution(index)
         assert wrong != answer
@@ -344,10 +399,11 @@ def test_builtin_arithmetic_pairs_are_deterministic_correct_versus_wrong():
 def test_ordered_shares_of_several_processes_cover_every_pair_with_equal_batch_counts(tmp_path):
     data = loaded(tmp_path, pairs(7), batch_size=2)
     assert data.pair_count() == 7
-    shares = [
-        [i for batch in data.ordered_dataloader(rank=rank, world_size=3) for i in batch["pair_index"].tolist()]
-        for rank in range(3)
-    ]
-    assert shares == [[0, 3, 6], [1, 4, 4], [2, 5, 5]]  # padded with the share's last pair: 3 forwards each
+    loaders = [data.ordered_dataloader(rank=rank, world_size=3) for rank in range(3)]
+    shares = [[i for batch in loader for i in batch["pair_index"].tolist()] for loader in loaders]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 6, 6]]  # contiguous blocks, padded with the block's last pair
+    assert [len(loader) for loader in loaders] == [2, 2, 2]  # as many forwards on every process
     assert sorted(set(sum(shares, []))) == list(range(7))
     assert [i for b in data.ordered_dataloader() for i in b["pair_index"].tolist()] == list(range(7))
+    padded = list(loaders[2])[1]  # the repeated pair is the same pair
+    assert padded["chosen_input_ids"][0].tolist() == items(data)[6]["chosen_input_ids"].tolist()
