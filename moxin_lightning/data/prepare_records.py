@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from moxin_lightning.data.chat_records import ChatFormat
+from moxin_lightning.data.nodes import NodeRun, write_splits
 from moxin_lightning.data.preference_records import PreferenceFormat
-from moxin_lightning.data.progress import Progress
 from moxin_lightning.data.prompt_records import PromptFormat
 from moxin_lightning.data.record_worker import EncodeRecords, ValItems
 from moxin_lightning.data.records import RECORD_SPLIT_RULE, RecordFormat, SplitCounts, reasons
-from moxin_lightning.data.shards import count_items, write_shards
+from moxin_lightning.data.shards import count_items
 from moxin_lightning.data.sources import DataError
-from moxin_lightning.data.worker import read_reports
 from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import TULU, ChatTemplate
 
@@ -102,33 +101,28 @@ def encode_records(
     workers: int,
     shards: dict[str, Any],
     progress: bool,
-) -> dict[str, Any]:
-    """Write staging/train (and staging/val) and return the manifest body's record-specific part."""
-    work = staging / ".work"
-    stats_dir, val_dir = work / "stats", work / "val"
-    stats_dir.mkdir(parents=True)
-    val_dir.mkdir()
-    shards = {**shards, "cache_dir": work / "litdata", "layout": "documents"}
-    fn = EncodeRecords(units, record_format, val_fraction, seed, stats_dir, val_dir)
-    monitor = Progress(stats_dir, len(units)) if progress else None
-    try:
-        write_shards(fn, len(units), staging / "train", num_workers=workers, **shards)
-    finally:
-        if monitor is not None:
-            monitor.stop()
-    errors = read_reports(stats_dir, "error")
-    if errors:
-        if errors[0]["data_error"]:
-            raise DataError(errors[0]["message"])
-        raise _prepare_error(errors[0]["message"], errors[0]["traceback"])
-    reports = [report for report in read_reports(stats_dir) if report["done"]]
-    if [report["unit"] for report in reports] != list(range(len(units))):
-        raise _prepare_error(f"only {len(reports)} of {len(units)} inputs were finished; rerun prepare")
+    run: NodeRun | None = None,
+) -> dict[str, Any] | None:
+    """Write staging/train (and staging/val) and return the manifest body's record-specific part; with `run` (more
+    than one node), None on every node but the last (see `nodes.py`)."""
+    reports = write_splits(
+        lambda stats_dir, val_dir: EncodeRecords(units, record_format, val_fraction, seed, stats_dir, val_dir),
+        ValItems,
+        len(units),
+        staging,
+        val=val_fraction > 0,
+        check=lambda reports: _check_splits(
+            record_format, {split: _split_counts(reports, split) for split in ("train", "val")}, val_fraction, units
+        ),
+        what="inputs",
+        workers=workers,
+        shards={**shards, "layout": "documents"},
+        progress=progress,
+        run=run,
+    )
+    if reports is None:
+        return None
     splits = {split: _split_counts(reports, split) for split in ("train", "val")}
-    _check_splits(record_format, splits, val_fraction, units)
-    if val_fraction > 0:
-        val_files = sorted(val_dir.glob("*.pkl"))
-        write_shards(ValItems(val_files), len(val_files), staging / "val", num_workers=1, **shards)
     entries = {}
     for split in ("train", "val") if val_fraction > 0 else ("train",):
         counts, digest = splits[split]

@@ -140,10 +140,14 @@ class EncodeRecords:
 
 @dataclass
 class ValItems:
-    """The function litdata runs to write the val split: index -> the saved items of one unit, in order."""
+    """The function litdata runs to write the val split: unit -> the unit's saved items, in order (none when it
+    saved none). Indexed by unit, so a multi-node run maps each unit to the node that encoded it."""
 
-    files: list[Path]
+    val_dir: Path
 
-    def __call__(self, index: int) -> Iterator[dict[str, Any]]:
-        with open(self.files[index], "rb") as file:
+    def __call__(self, unit: int) -> Iterator[dict[str, Any]]:
+        path = self.val_dir / f"{unit:06d}.pkl"
+        if not path.is_file():
+            return
+        with open(path, "rb") as file:
             yield from pickle.load(file)  # our own workers' temporary files, never user input
