@@ -21,6 +21,11 @@ only when complete; an existing dataset at OUTPUT is replaced (with `overwrite=T
 dies leaves OUTPUT untouched; a temp folder left by a killed run is removed by the next `prepare` of the same
 OUTPUT once its process is gone.
 
+Across nodes (`num_nodes` > 1, one process per node, every node passing the same arguments and the same
+`--num_workers`): litdata gives each node its share of the units, every node writes into one staging folder on a
+file system they all mount, and the last node writes the manifest and publishes; the token streams and the
+fingerprint are the single-node run's. See `nodes.py`.
+
 This module does not import Lightning.
 """
 
@@ -37,13 +42,13 @@ from typing import Any
 
 from moxin_lightning.data import manifest as manifests
 from moxin_lightning.data.builtin import local_parts
+from moxin_lightning.data.nodes import NodeRun, Nodes, resolve_nodes, write_splits
 from moxin_lightning.data.prepare_records import FORMATS, encode_records, make_format, plan_units
-from moxin_lightning.data.progress import Progress
 from moxin_lightning.data.publish import check_output, publish, remove_stale_temporaries, staging_folder
 from moxin_lightning.data.records import reasons
-from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens, write_shards
+from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens
 from moxin_lightning.data.sources import DataError, Source, expand_input
-from moxin_lightning.data.worker import SPLIT_RULE, TokenizeUnits, ValTokens, read_reports
+from moxin_lightning.data.worker import SPLIT_RULE, TokenizeUnits, ValTokens
 from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import ChatTemplate
 from moxin_lightning.tokenizers.load import load_tokenizer
@@ -86,8 +91,11 @@ def prepare(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     instruction: str | None = None,
-) -> Path:
-    """Tokenize `inputs` into `output` (train/, val/, manifest.json) and return `output` as a Path.
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    shared_dir: str | Path | None = None,
+) -> Path | str | None:
+    """Tokenize `inputs` into `output` (train/, val/, manifest.json) and return `output` as a Path (a URL: as given).
 
     `tokenizer` is a `Tokenizer`, the path of a SentencePiece `tokenizer.model` (or its folder), or a folder
     written by `MoETokenizer.save`.
@@ -100,7 +108,19 @@ def prepare(
     `format` "chat", "preference" or "prompts" prepares instruction records instead of documents (see
     `prepare_records.py`), encoded with `template` (default Tülu's) and cut to `max_length` tokens (prompts: longer
     than `max_prompt_length` skipped, `instruction` appended to file records' prompts).
+
+    `num_nodes` > 1: this process is node `node_rank` of a multi-node run (see `nodes.py`): `output` must be on a
+    file system every node mounts (an object-store URL: built in `shared_dir`, which must be) and `num_workers`
+    given. Only the last node (`num_nodes - 1`) returns `output`; the others return None once their part is done.
+    The environment is not read here (a datamodule preparing on first use inside a multi-node training job is one
+    node's work); the command line reads it (`nodes.resolve_nodes`).
     """
+    nodes = Nodes(num_nodes, node_rank)
+    if nodes.count > 1 and num_workers is None:
+        raise DataError(
+            f"--num_nodes {nodes.count} needs --num_workers, the same on every node (litdata maps the inputs to "
+            "nodes x workers); its default, the CPUs of each node, may differ between nodes"
+        )
     tokenizer = _load_tokenizer(tokenizer)
     record_format = make_format(format, tokenizer, template, max_length, max_prompt_length, instruction)
     if not 0 <= val_fraction < 1:
@@ -109,12 +129,15 @@ def prepare(
     if layout not in LAYOUTS:
         raise DataError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     destination = str(output)  # a local folder, or an object-store URL: built locally, then uploaded (remote.py)
-    if "://" in destination:
+    if "://" in destination and nodes.count > 1:
+        output = _shared_build_folder(destination, shared_dir, overwrite, nodes)
+    elif "://" in destination:
         from moxin_lightning.data.remote import staging_for
 
         output = staging_for(destination, overwrite)  # refuses a dataset already there, before any tokenizing
     output = Path(output).expanduser().absolute()
-    check_output(output, overwrite)
+    if "://" not in destination or nodes.count == 1:
+        check_output(output, overwrite)
     if record_format is None:
         groups, sources = _plan(inputs, text_key)
     else:
@@ -122,12 +145,34 @@ def prepare(
     workers = num_workers if num_workers is not None else _available_cpus()
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output)
-    staging = staging_folder(output)
+    run = None
+    if nodes.count == 1:
+        remove_stale_temporaries(output)
+        staging = staging_folder(output)
+    else:
+        identity = {
+            "inputs": [inputs] if isinstance(inputs, str) else [str(given) for given in inputs],
+            "tokenizer": tokenizer.fingerprint,
+            "format": record_format.describe() if record_format is not None else format,
+            "text_key": text_key,
+            "layout": layout,
+            "chunk_bytes": chunk_bytes,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "num_nodes": nodes.count,
+            "num_workers": workers,
+        }
+        found = [source.path for source in sources] if record_format is None else units
+        run = NodeRun(output, nodes, identity, found)
+        staging = run.staging
     try:
+        if run is not None:
+            run.start()
         shards = {"layout": layout, "chunk_bytes": chunk_bytes, "start_method": start_method}
         if record_format is None:
-            reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress)
+            reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress, run)
+            if reports is None:  # another node than the last: its part is done
+                return None
             body = _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout)
         else:
             body = encode_records(
@@ -139,19 +184,26 @@ def prepare(
                 workers=workers,
                 shards=shards,
                 progress=progress,
+                run=run,
             )
+            if body is None:  # another node than the last: its part is done
+                return None
             body = {"tokenizer": _tokenizer_entry(tokenizer), **body}
         shutil.rmtree(staging / ".work")
         (staging / TOKENIZER_FOLDER).mkdir()
         tokenizer.save(staging / TOKENIZER_FOLDER)  # the data carries its tokenizer: training and releases use it
         manifests.write(staging, manifests.build(body))
-        publish(staging, output, overwrite)
+        # a multi-node build folder for a URL is this command's own: what an interrupted upload left there goes
+        publish(staging, output, overwrite or ("://" in destination and nodes.count > 1))
         if "://" in destination:  # the finished folder goes up, manifest.json last; the local copy is deleted
             from moxin_lightning.data.remote import publish_remote
 
             return publish_remote(output, destination, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:
+        if run is None:
+            shutil.rmtree(staging, ignore_errors=True)
+        else:  # the other nodes need this node's report; the last node deletes the staging folder
+            run.fail(error, staging / ".work" / "stats")
         raise
     return output
 
@@ -165,33 +217,37 @@ def _tokenize(
     workers: int,
     shards: dict[str, Any],
     progress: bool,
-) -> list[dict[str, Any]]:
-    """Write staging/train (and staging/val); return the workers' per-source reports, in source order."""
-    work = staging / ".work"
-    stats_dir, val_dir = work / "stats", work / "val"
-    stats_dir.mkdir(parents=True)
-    val_dir.mkdir()
-    shards = {**shards, "cache_dir": work / "litdata"}
-    fn = TokenizeUnits(sources, tokenizer, val_fraction, seed, stats_dir, val_dir)
-    monitor = Progress(stats_dir, len(sources)) if progress else None
-    try:
-        write_shards(fn, len(sources), staging / "train", num_workers=workers, **shards)
-    finally:
-        if monitor is not None:
-            monitor.stop()
-    errors = read_reports(stats_dir, "error")
-    if errors:
-        if errors[0]["data_error"]:
-            raise DataError(errors[0]["message"])
-        raise PrepareError(errors[0]["message"], errors[0]["traceback"])
-    reports = [report for report in read_reports(stats_dir) if report["done"]]
-    if [report["unit"] for report in reports] != list(range(len(sources))):
-        raise PrepareError(f"only {len(reports)} of {len(sources)} sources were finished; rerun prepare")
-    _check_splits(reports, val_fraction)
-    if val_fraction > 0:
-        val_files = sorted(val_dir.glob("*.npz"))
-        write_shards(ValTokens(val_files), len(val_files), staging / "val", num_workers=1, **shards)
-    return reports
+    run: NodeRun | None = None,
+) -> list[dict[str, Any]] | None:
+    """Write staging/train (and staging/val); return the workers' per-source reports, in source order (None on a
+    node other than the last of a multi-node `run`)."""
+    return write_splits(
+        lambda stats_dir, val_dir: TokenizeUnits(sources, tokenizer, val_fraction, seed, stats_dir, val_dir),
+        ValTokens,
+        len(sources),
+        staging,
+        val=val_fraction > 0,
+        check=lambda reports: _check_splits(reports, val_fraction),
+        what="sources",
+        workers=workers,
+        shards=shards,
+        progress=progress,
+        run=run,
+    )
+
+
+def _shared_build_folder(url: str, shared_dir: str | Path | None, overwrite: bool, nodes: Nodes) -> Path:
+    """Where the nodes of a multi-node run build the dataset for an object-store `url` (checked first, on every
+    node): a folder named after the URL in `shared_dir`, which every node mounts; the last node uploads it."""
+    if shared_dir is None:
+        raise DataError(
+            f"--output {url} with --num_nodes {nodes.count} needs --shared_dir: a folder every node mounts, where the "
+            "nodes build the dataset before the last one uploads it (or --output a shared folder, and upload later)"
+        )
+    from moxin_lightning.data.remote import check_remote_output
+
+    check_remote_output(url, overwrite)
+    return Path(shared_dir).expanduser().absolute() / f"upload-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
 
 
 def _plan(inputs: Sequence[str], text_key: str) -> tuple[list[tuple[str, list[int]]], list[Source]]:
@@ -375,11 +431,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max_prompt_length", type=int, default=None, help="prompts: longest prompt in tokens (longer: skipped)"
     )
     records.add_argument("--instruction", default=None, help="prompts: text appended to every file record's prompt")
+    nodes = parser.add_argument_group(
+        "across nodes (one process per node, same arguments on every node, --output on a file system all mount)"
+    )
+    nodes.add_argument(
+        "--num_nodes",
+        type=int,
+        default=None,
+        help="nodes preparing this dataset together (default: DATA_OPTIMIZER_NUM_NODES, an srun step's tasks with "
+        "one per node, torchrun's WORLD_SIZE with --nproc_per_node 1, else 1); needs --num_workers",
+    )
+    nodes.add_argument(
+        "--node_rank",
+        type=int,
+        default=None,
+        help="this node, 0 .. num_nodes-1; the last one writes manifest.json (default: DATA_OPTIMIZER_NODE_RANK, "
+        "SLURM_PROCID, torchrun's GROUP_RANK)",
+    )
+    nodes.add_argument(
+        "--shared_dir",
+        default=None,
+        help="with an object-store --output: a folder every node mounts, to build the dataset in before the last "
+        "node uploads it",
+    )
     parser.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
     try:
+        nodes = resolve_nodes(args.num_nodes, args.node_rank)
         output = prepare(
             args.input,
             args.tokenizer,
@@ -396,9 +476,18 @@ def _run(args: argparse.Namespace) -> None:
             max_length=args.max_length,
             max_prompt_length=args.max_prompt_length,
             instruction=args.instruction,
+            num_nodes=nodes.count,
+            node_rank=nodes.rank,
+            shared_dir=args.shared_dir,
         )
     except (DataError, PrepareError, OSError, ValueError) as error:
         raise SystemExit(f"prepare: error: {error}") from None
+    if output is None:
+        print(
+            f"prepare: node {nodes.rank} of {nodes.count} finished its part of {args.output}; "
+            f"the last node ({nodes.count - 1}) writes manifest.json once every node is done"
+        )
+        return
     manifest = manifests.read(output)
     unit = "documents" if args.format == "documents" else "records"
     splits = ", ".join(

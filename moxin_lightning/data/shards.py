@@ -58,13 +58,18 @@ def write_shards(
     chunk_bytes: int | str,
     cache_dir: Path,
     start_method: str | None = None,
+    num_nodes: int = 1,
+    node_rank: int = 0,
 ) -> None:
-    """Run `fn(unit)` for units 0..num_units-1 in `num_workers` processes; each array it yields is one item."""
+    """Run `fn(unit)` for units 0..num_units-1 in `num_workers` processes; each array it yields is one item.
+
+    With `num_nodes` > 1 this node runs only its share: litdata cuts the units into num_nodes x num_workers
+    contiguous slices and writes chunks and a `{node_rank}-index.json` for this node's (see `nodes.py`)."""
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # older litdata asks PyPI on every optimize
     from litdata import optimize
     from litdata.streaming.item_loader import TokensLoader
 
-    with _restored_process_state(cache_dir):
+    with _restored_process_state(cache_dir, num_nodes, node_rank):
         optimize(
             fn=fn,
             inputs=list(range(num_units)),
@@ -111,9 +116,16 @@ def read_tokens(split_dir: str | Path) -> Iterator[np.ndarray]:
 
 
 @contextmanager
-def _restored_process_state(cache_dir: Path) -> Iterator[None]:
-    """Point litdata's cache folders at `cache_dir`, and undo what `optimize` changes process-wide."""
-    keys = ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+def _restored_process_state(cache_dir: Path, num_nodes: int = 1, node_rank: int = 0) -> Iterator[None]:
+    """Point litdata's cache folders at `cache_dir`, tell it the nodes (always: a value left in the environment
+    by a launcher must not split a single-node run), and undo what `optimize` changes process-wide."""
+    keys = (
+        "DATA_OPTIMIZER_CACHE_FOLDER",
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER",
+        "DATA_OPTIMIZER_NUM_NODES",
+        "DATA_OPTIMIZER_NODE_RANK",
+        "DATA_OPTIMIZER_NUM_WORKERS",  # optimize sets it in the calling process
+    )
     saved_env = {key: os.environ.get(key) for key in keys}
     saved_method = multiprocessing.get_start_method(allow_none=True)
     saved_sigint = signal.getsignal(signal.SIGINT)
@@ -124,6 +136,8 @@ def _restored_process_state(cache_dir: Path) -> Iterator[None]:
     saved_torch = torch.random.get_rng_state()
     os.environ[keys[0]] = str(cache_dir / "chunks")
     os.environ[keys[1]] = str(cache_dir / "data")
+    os.environ[keys[2]] = str(num_nodes)
+    os.environ[keys[3]] = str(node_rank)
     try:
         yield
     finally:

@@ -137,12 +137,16 @@ class TokenizeUnits:
 
 @dataclass
 class ValTokens:
-    """The function litdata runs to write the val split: index -> the saved documents of one unit, in order."""
+    """The function litdata runs to write the val split: unit -> the unit's saved documents, in order (none when
+    it saved none). Indexed by unit, so a multi-node run maps each unit to the node that tokenized it."""
 
-    files: list[Path]
+    val_dir: Path
 
-    def __call__(self, index: int) -> Iterator[np.ndarray]:
-        with np.load(self.files[index]) as saved:
+    def __call__(self, unit: int) -> Iterator[np.ndarray]:
+        path = self.val_dir / f"{unit:06d}.npz"
+        if not path.is_file():
+            return
+        with np.load(path) as saved:
             tokens, lengths = saved["tokens"], saved["lengths"]
         yield from np.split(tokens, np.cumsum(lengths)[:-1])
 
