@@ -55,7 +55,7 @@ def messages_problem(messages: Any) -> str | None:
 
 def trainable_tokens(trained: list[bool] | np.ndarray) -> int:
     """Labels a conversation yields: tokens that are the assistant's and have a token before them."""
-    return int(sum(trained[1:]))
+    return int(np.count_nonzero(trained[1:]))
 
 
 class ChatFormat(RecordFormat):
@@ -102,6 +102,6 @@ class ChatFormat(RecordFormat):
             if count == 0:
                 out.append(TRUNCATED)
                 continue
-            item = {"ids": np.asarray(ids, dtype=np.int32), "trained": np.asarray(trained, dtype=np.uint8)}
+            item = {"ids": ids.astype(np.int32, copy=False), "trained": trained.astype(np.uint8)}
             out.append(Encoded(item, len(ids), count, truncated))
         return out

@@ -159,12 +159,13 @@ def cut_pair(
     when a sequence is left without a trained label."""
     responses = []
     for ids, trained in sequences:
-        if list(ids[: len(prompt)]) != list(prompt):
+        ids, trained = np.asarray(ids).tolist(), np.asarray(trained, dtype=bool).tolist()
+        if ids[: len(prompt)] != list(prompt):
             raise DataError(  # a setting, not a failure: prepare's workers report it as one line
                 f"chat template {template_name!r} does not encode a prompt with its generation prompt as the start "
                 "of the prompt followed by a reply; preference data needs a template with that prefix property"
             )
-        responses.append((list(ids[len(prompt) :]), list(trained[len(prompt) :])))
+        responses.append((ids[len(prompt) :], trained[len(prompt) :]))
     longest = max(len(ids) for ids, _ in responses)
     cut = len(prompt) + longest > max_length
     if cut:
@@ -241,7 +242,11 @@ class PreferenceFormat(RecordFormat):
         out: list[Encoded | str] = []
         for index, (prompt, _) in enumerate(prompts):
             pair = cut_pair(
-                prompt, full[2 * index : 2 * index + 2], self.tokenizer.bos_id, self.max_length, self.template.name
+                prompt.tolist(),
+                full[2 * index : 2 * index + 2],
+                self.tokenizer.bos_id,
+                self.max_length,
+                self.template.name,
             )
             if isinstance(pair, str):
                 out.append(pair)

@@ -18,11 +18,14 @@ This module does not import Lightning.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
 
 from moxin_lightning.data.sources import DataError, ObjectRecord, expand_input, read_objects, split_name
 from moxin_lightning.tokenizers.base import Tokenizer
@@ -30,9 +33,9 @@ from moxin_lightning.tokenizers.chat import ChatTemplate
 
 MAX_EXAMPLES = 5  # skipped-record locations kept per split
 RECORD_SPLIT_RULE = (
-    "val when int.from_bytes(sha256(f'{seed}\\n'.encode() + json.dumps(key, sort_keys=True, ensure_ascii=False)"
-    ".encode())[:8], 'big') / 2**64 < val_fraction; key = the conversation (chat), the prompt turns (preference, "
-    "prompts)"
+    "val when int.from_bytes(sha256(f'{seed}\\n'.encode() + '\\x1e'.join(f'{role}\\x1f{content}' for each turn of "
+    "key).encode())[:8], 'big') / 2**64 < val_fraction; key = the conversation (chat), the prompt turns "
+    "(preference, prompts)"
 )
 
 Messages = list[dict[str, str]]
@@ -43,12 +46,12 @@ BUILTIN_PREFIXES = ("builtin:", "builtin-chat:", "builtin-pairs:", "builtin-prom
 # ------------------------------------------------------------------------------------------------- the split
 
 
-def held_out(key: Any, fraction: float, seed: int = 0) -> bool:
+def held_out(key: Messages, fraction: float, seed: int = 0) -> bool:
     """Whether a record belongs to the validation split: a hash of its content (see `RECORD_SPLIT_RULE`), so the
     split does not depend on file order, the number of workers or processes, and duplicates land together."""
     if fraction <= 0:
         return False
-    text = json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    text = "\x1e".join(f"{turn['role']}\x1f{turn['content']}" for turn in key).encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(f"{seed}\n".encode() + text).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
@@ -84,28 +87,47 @@ def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 def encode_conversations(
     template: ChatTemplate, tokenizer: Tokenizer, conversations: Sequence[Messages], *, generation_prompt: bool = False
-) -> list[tuple[list[int], list[bool]]]:
-    """`template.encode(tokenizer, messages)` for each conversation, with every text piece of the batch encoded in
-    one tokenizer call."""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`template.encode(tokenizer, messages)` for each conversation, as (int32 ids, bool trained) arrays, with every
+    text piece of the batch encoded in one tokenizer call and the pieces put back in place by one numpy gather (no
+    per-token Python work)."""
+    if not conversations:
+        return []
     recorder = PieceRecorder(tokenizer)
     laid_out = [
-        template.encode(recorder, messages, add_generation_prompt=generation_prompt) for messages in conversations
-    ]  # type: ignore[arg-type]
+        template.encode(recorder, messages, add_generation_prompt=generation_prompt)  # type: ignore[arg-type]
+        for messages in conversations
+    ]
     pieces = encode_batch(tokenizer, recorder.pieces) if recorder.pieces else []
-    encoded = []
+    piece_lengths = [len(piece) for piece in pieces]
+    piece_starts = list(itertools.accumulate(piece_lengths, initial=0))
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=piece_starts[-1])
+    # Segments of the output: a piece (read from `flat`) or one special id (read from `specials`, after `flat`).
+    sources: list[int] = []
+    lengths: list[int] = []
+    flags: list[bool] = []
+    specials: list[int] = []
+    totals: list[int] = []
     for ids, trained in laid_out:
-        out_ids: list[int] = []
-        out_trained: list[bool] = []
+        total = 0
         for token, is_trained in zip(ids, trained, strict=True):
             if token < 0:
-                piece = pieces[-1 - token]
-                out_ids.extend(piece)
-                out_trained.extend([is_trained] * len(piece))
+                sources.append(piece_starts[-1 - token])
+                lengths.append(piece_lengths[-1 - token])
             else:
-                out_ids.append(token)
-                out_trained.append(is_trained)
-        encoded.append((out_ids, out_trained))
-    return encoded
+                sources.append(len(flat) + len(specials))
+                specials.append(token)
+                lengths.append(1)
+            flags.append(bool(is_trained))
+            total += lengths[-1]
+        totals.append(total)
+    source = np.concatenate([flat, np.asarray(specials, dtype=np.int32)])
+    length = np.asarray(lengths, dtype=np.int64)
+    offsets = np.cumsum(length) - length
+    gather = np.repeat(np.asarray(sources, dtype=np.int64) - offsets, length) + np.arange(int(length.sum()))
+    all_ids, all_trained = source[gather], np.repeat(np.asarray(flags, dtype=bool), length)
+    cuts = list(itertools.accumulate(totals))[:-1]
+    return list(zip(np.split(all_ids, cuts), np.split(all_trained, cuts), strict=True))
 
 
 _PROBE: Messages = [
