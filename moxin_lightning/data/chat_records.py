@@ -7,7 +7,9 @@ corpus (`builtin-chat:pydoc`, `builtin-chat:arithmetic?count=2000`, see `builtin
 A conversation is encoded by the chat template (ids, and which ids are the assistant's) and cut to `max_length`
 tokens. Its item is `{"ids": int32[n], "trained": uint8[n]}`; the datamodule turns `trained` into next-token labels
 (`labels[t] = ids[t + 1]` where that token is the assistant's). A record that cannot be used (bad shape, unknown
-role, no assistant turn, or no assistant token left within `max_length`) is skipped and counted under its reason.
+role, no assistant turn, a conversation that opens with the assistant or ends on a user turn — a reply to nothing,
+or a question with no answer — or no assistant token left within `max_length`) is skipped and counted under its
+reason.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from moxin_lightning.data.builtin_chat import records_of
 from moxin_lightning.data.records import Encoded, Messages, RecordFormat, encode_conversations
 from moxin_lightning.data.sources import INVALID_UTF8, NOT_AN_OBJECT, ObjectRecord
 from moxin_lightning.tokenizers.base import Tokenizer
-from moxin_lightning.tokenizers.chat import ASSISTANT, ROLES, ChatTemplate
+from moxin_lightning.tokenizers.chat import ASSISTANT, ROLES, SYSTEM, USER, ChatTemplate
 
 MESSAGES = "messages"
 # Why a record was not trained on; the manifest and `ChatData.skipped` count skips under exactly these strings.
@@ -31,6 +33,8 @@ BAD_MESSAGES = "messages not a non-empty list of {role, content: str}"
 UNKNOWN_ROLE = "unknown role"
 NO_ASSISTANT = "no assistant turn"
 TRUNCATED = "no assistant token within max_length"
+OPENS_WITH_ASSISTANT = "opens with the assistant (no prompt)"
+ENDS_WITH_USER = "ends on a user turn (no reply)"
 
 
 def messages_problem(messages: Any) -> str | None:
@@ -50,6 +54,11 @@ def messages_problem(messages: Any) -> str | None:
             return INVALID_UTF8
     if not any(message["role"] == ASSISTANT for message in messages):
         return NO_ASSISTANT
+    turns = [message["role"] for message in messages if message["role"] != SYSTEM]
+    if turns[0] == ASSISTANT:
+        return OPENS_WITH_ASSISTANT
+    if turns[-1] == USER:
+        return ENDS_WITH_USER
     return None
 
 

@@ -18,7 +18,8 @@ datamodule labels the response tokens only (`labels[t] = ids[t + 1]` when token 
 the response: content and closing EOS); assistant turns inside the prompt are context. A pair longer than
 `max_length` loses prompt tokens from the left first (its BOS stays: the model has seen a BOS at position 0 in
 every sequence), then response tokens from the right. A record that cannot be used, or a pair left without a
-response token, is skipped and counted under its reason.
+response token, or a pair whose chosen and rejected responses are the same, is skipped and counted under its
+reason.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ NO_PROMPT = "no prompt"
 UNKNOWN_ROLE = "unknown role"
 NOT_ASSISTANT = "response does not start with an assistant turn"
 NO_RESPONSE_TOKEN = "no response token within max_length"
+SAME_RESPONSES = "chosen equals rejected"
 
 Messages = list[dict[str, str]]
 
@@ -121,6 +123,8 @@ def pair_from_record(record: dict[str, Any]) -> Pair | str:
         return UNKNOWN_ROLE
     if not _is_utf8(turns):
         return INVALID_UTF8
+    if chosen == rejected:  # no preference to learn: the loss would push nothing apart
+        return SAME_RESPONSES
     return Pair(prompt, chosen, rejected)
 
 
