@@ -1,13 +1,22 @@
-"""Lightning callbacks of the recipe: context extension, checkpoint promotion, training speed, progress.
+"""Lightning callbacks of the recipe: context extension, checkpoint promotion, training speed, progress, loss spikes.
 
 A top-level package, shipped beside `moxin_lightning`; it may import `moxin_lightning`, never the reverse.
 Configs name them by class path, e.g. `class_path: callbacks.ContextExtension`.
 """
 
 from callbacks.context_extension import ContextExtension, Phase
+from callbacks.loss_spikes import LossSpikes
 from callbacks.progress import StepProgressBar
 from callbacks.promotion import CheckpointPromotion
 from callbacks.throughput import TrainingSpeed
 from moxin_lightning.sweep.metrics_file import MetricsFile  # lives with the sweep that reads it
 
-__all__ = ["CheckpointPromotion", "ContextExtension", "MetricsFile", "Phase", "StepProgressBar", "TrainingSpeed"]
+__all__ = [
+    "CheckpointPromotion",
+    "ContextExtension",
+    "LossSpikes",
+    "MetricsFile",
+    "Phase",
+    "StepProgressBar",
+    "TrainingSpeed",
+]

@@ -54,6 +54,7 @@ def load_model(
     tokenizer: a tokenizer (or its path) for a checkpoint that holds none; for one that does, it must be the same.
     dtype: cast the weights (default: as stored, fp32 for training checkpoints).
     """
+    device = check_device(device)
     source = Path(path).expanduser()
     if not source.exists():
         raise CheckpointError(
@@ -245,3 +246,21 @@ def _check_vocabulary(tokenizer: Tokenizer, config: ModelConfig, source: Path) -
             f"the tokenizer has {tokenizer.vocab_size} pieces but {source} has a vocabulary of {config.vocab_size}; "
             "pass the tokenizer the model was trained with"
         )
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`--device` as a torch device that exists here: a one-line error, before any weights are read, instead of
+    torch's "Torch not compiled with CUDA enabled" assertion (or a driver error) deep in `.to(device)`."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; write e.g. cpu, cuda or cuda:1") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return resolved

@@ -12,6 +12,7 @@ mostly disappears. The first call per batch size pays the compilation (tens of s
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,8 +211,10 @@ def _check_request(
         raise ValueError("every prompt needs at least one token (start it with the BOS id)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1 or top_k < 0:  # NaN fails too
+        raise ValueError(
+            f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
+        )
     bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}; check the tokenizer")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moxin_lightning.atomic import written_as_a_whole
+from moxin_lightning.json_files import read_json
 from moxin_lightning.model.config import ModelConfig
 from moxin_lightning.model.transformer import Transformer
 
@@ -147,6 +148,9 @@ def _first_id(value: Any, default: int) -> int:
 # import
 
 
+_REDOWNLOAD = "download or export the folder again"
+
+
 def import_hf(
     path: str | os.PathLike,
     *,
@@ -159,7 +163,7 @@ def import_hf(
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{folder} has no config.json; point at a Hugging Face model folder")
-    config = config_from_hf(json.loads(config_file.read_text()), **config_overrides)
+    config = config_from_hf(read_json(config_file, _REDOWNLOAD), **config_overrides)
     hf_state = _read_weights(folder)
     state = _to_our_state(hf_state, config, folder)
     with torch.device("meta"):
@@ -179,7 +183,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     ):
         index_file = folder / index_name
         if index_file.is_file():
-            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            files = sorted(set(read_json(index_file, _REDOWNLOAD).get("weight_map", {}).values()))
             return _load_all(folder, files, loader, f"listed in {index_name}")
     if (folder / "model.safetensors").is_file():
         return _load_safetensors(folder / "model.safetensors")

@@ -16,6 +16,7 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from moxin_lightning.atomic import remove_stale_temporaries, staging_folder, swap_into_place
+from moxin_lightning.checkpoint_io import CheckpointReadError, unreadable_checkpoint
 
 
 class FSDP2(ModelParallelStrategy):
@@ -49,7 +50,12 @@ class FSDP2(ModelParallelStrategy):
         if self.is_global_zero:  # a save killed between its two renames left the previous checkpoint as .NAME.old-*
             remove_stale_temporaries(Path(checkpoint_path))
         self.barrier("stale checkpoint temporaries restored")
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        except Exception as error:  # noqa: BLE001 - a single file torch.load refused: name it in one line
+            if not Path(checkpoint_path).is_file() or isinstance(error, ValueError):
+                raise
+            raise CheckpointReadError(unreadable_checkpoint(checkpoint_path, error)) from error
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:

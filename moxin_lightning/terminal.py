@@ -13,6 +13,7 @@ tokens/s) goes to stderr, so stdout holds only the text.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import TextIO
 
 import torch
 
-from moxin_lightning.checkpoint import LoadedModel, load_model
+from moxin_lightning.checkpoint import LoadedModel, check_device, load_model
 from moxin_lightning.release.write import DTYPES
 from moxin_lightning.session import DecodeSession, TextStream
 from moxin_lightning.tokenizers.chat import ASSISTANT, SYSTEM, USER, ChatTemplate, TuluTemplate
@@ -128,6 +129,11 @@ def _run(args: argparse.Namespace) -> None:
         raise ValueError("give either --prompt TEXT or --chat")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # `nan >= 0` is False, so NaN stops here
+        raise ValueError(f"--temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ValueError(f"need 0 < --top_p <= 1 and --top_k >= 0; got {args.top_p}, {args.top_k}")
+    check_device(args.device)  # before the weights are read
     loaded = load_model(args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=DTYPES[args.dtype])
     session = DecodeSession(loaded.model, vocab_limit=loaded.tokenizer.vocab_size, compile=args.compile)
     device = next(loaded.model.parameters()).device

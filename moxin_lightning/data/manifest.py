@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moxin_lightning.json_files import parse_json, read_json
+
 MANIFEST = "manifest.json"
 FORMAT = "moxin_lightning.tokens/1"
 SPLITS = ("train", "val")
@@ -60,6 +62,9 @@ def write(folder: Path, manifest: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+_REMAKE = "prepare the dataset again (python -m moxin_lightning prepare ... --output {folder})"
+
+
 def read(folder: str | Path) -> dict[str, Any]:
     """The manifest of a prepared dataset, in a local folder or at an object-store URL (fsspec: s3://, gs://, ...);
     FileNotFoundError naming the fix when `folder` is not one."""
@@ -72,13 +77,13 @@ def read(folder: str | Path) -> dict[str, Any]:
 
         try:
             with fsspec.open(f"{str(folder).rstrip('/')}/{MANIFEST}", "r", encoding="utf-8") as file:
-                return json.load(file)
+                return parse_json(file.read(), f"{str(folder).rstrip('/')}/{MANIFEST}", _REMAKE.format(folder=folder))
         except FileNotFoundError:
             raise missing from None
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise missing
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, _REMAKE.format(folder=folder))
 
 
 def _identity(value: Any) -> Any:

@@ -68,6 +68,9 @@ def run_eval(
         raise ValueError(f"--batch_size {batch_size} must be >= 1")
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit {limit} must be > 0 (a count, or a fraction below 1)")
+    from moxin_lightning.checkpoint import check_device
+
+    check_device(device)  # before lm_eval and the weights load: one line, not torch's CUDA assertion
     names = parse_task_names(tasks)
     target = Path(output).expanduser() if output else default_output(source, backend, names)
     if target.is_dir():

@@ -85,6 +85,7 @@ class ModelConfig:
         """A preset by name, with any field overridden (e.g. `attention="flex"`)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        check_fields(overrides, "model_overrides")
         return cls(**{**PRESETS[name], **overrides})
 
     @property
@@ -125,3 +126,16 @@ class ModelConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def check_fields(values: dict[str, Any], where: str) -> None:
+    """A misspelled field (`n_layer`) is a one-line error naming it, the closest field and the valid ones,
+    instead of the dataclass's TypeError (which LightningCLI reports as "Does not validate ...")."""
+    import difflib
+
+    valid = ModelConfig.field_names()
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{where}: unknown key {key!r}; {hint}valid keys: {', '.join(valid)}")

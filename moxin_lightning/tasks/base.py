@@ -7,7 +7,10 @@ A task subclass only maps a batch to `(loss_sum, count)` in `loss_terms`. This b
 - AdamW with Moxin's settings and the learning-rate schedule (`moxin_lightning.schedules`);
 - loss normalisation by the global count of the optimizer step (all micro-batches, all ranks), which
   makes training invariant to gradient accumulation and to the number of processes;
-- gradient clipping with the gradient norm logged, and validation/test loss through torchmetrics.
+- gradient clipping with the gradient norm logged, and validation/test loss through torchmetrics;
+- skipping an optimizer step whose loss or gradient is not finite (no update, no scheduler step), counting it
+  (`train/skipped_steps`) and stopping the run after `max_skipped_steps` in a row;
+- checking that the datamodule's batches hold the keys the task reads (`batch_keys`), naming both on a mismatch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
@@ -27,6 +31,7 @@ from moxin_lightning.schedules import ScheduleKind, check_schedule, lr_factor
 from moxin_lightning.tasks import parallelize
 from moxin_lightning.tasks.init_from import read_initial_state
 
+_SKIPPED_KEY = "moxin_skipped_steps"
 _PARAM_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
 
 
@@ -48,9 +53,12 @@ class TrainingTask(L.LightningModule):
         decay_ratio: fraction of the run spent decaying, for `wsd`.
         activation_checkpointing: recompute each block's activations in backward (less memory, ~1/3 more compute).
         compile: `torch.compile` each block.
+        max_skipped_steps: stop the run after this many optimizer steps in a row had a non-finite loss or
+            gradient (each is skipped: no update, gradients dropped, the schedule holds). None: never stop.
     """
 
     reports_perplexity = False
+    batch_keys: tuple[str, ...] = ("input_ids", "labels", "doc_ids")  # what `loss_terms` reads from a batch
 
     def __init__(
         self,
@@ -69,7 +77,10 @@ class TrainingTask(L.LightningModule):
         decay_ratio: float = 0.2,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        max_skipped_steps: int | None = 10,
     ) -> None:
+        if max_skipped_steps is not None and max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps={max_skipped_steps} must be >= 1, or null to never stop")
         super().__init__()
         if type(self).loss_terms is TrainingTask.loss_terms:
             raise TypeError(
@@ -83,6 +94,11 @@ class TrainingTask(L.LightningModule):
         self.test_loss = MeanMetric()
         self._step_loss = torch.zeros(())
         self._step_count = torch.zeros((), dtype=torch.long)
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in the whole run
+        self.skipped_in_a_row = 0
+        self.last_step_skipped = False
+        self.last_step_loss: float | None = None  # the last optimizer step's global mean loss (None: skipped)
+        self.optimizer_steps_seen = 0  # optimizer steps this process has normalised (callbacks watch it)
 
     # -- the model --------------------------------------------------------------------------------------
 
@@ -152,6 +168,12 @@ class TrainingTask(L.LightningModule):
             if self._tokenizer_state is None or self._tokenizer_state["fingerprint"] != tokenizer.fingerprint:
                 self._tokenizer_state = tokenizer_state(tokenizer)
             checkpoint[TOKENIZER_KEY] = self._tokenizer_state
+        checkpoint[_SKIPPED_KEY] = {"total": self.skipped_steps, "in_a_row": self.skipped_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run keeps counting skipped steps where it stopped (the stop rule spans the restart)."""
+        skipped = checkpoint.get(_SKIPPED_KEY, {})
+        self.skipped_steps, self.skipped_in_a_row = skipped.get("total", 0), skipped.get("in_a_row", 0)
 
     # -- optimisation ---------------------------------------------------------------------------------
 
@@ -208,23 +230,64 @@ class TrainingTask(L.LightningModule):
         self._step_count = self._step_count.to(count.device) + count
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Turn the summed gradients into the mean over the optimizer step's global count.
+        """Turn the summed gradients into the mean over the optimizer step's global count, or skip the step.
 
         Lightning divided each micro-batch loss by `accumulate_grad_batches`, and DDP/FSDP2 average over ranks;
-        multiplying by both and dividing by the global count leaves sum(grad loss_sum) / global count."""
-        totals = torch.stack([self._step_loss, self._step_count.to(self._step_loss.dtype)])
+        multiplying by both and dividing by the global count leaves sum(grad loss_sum) / global count.
+
+        A step whose global loss or any gradient (any rank's shard) is not finite is skipped on every rank: the
+        flag rides in the same all-reduce as the loss, so all ranks decide alike. Skipping drops the gradients
+        (`grad = None`), which AdamW reads as "no update" for every parameter: weights, moments and its step
+        count stay as they were, and weight decay does not apply. `lr_scheduler_step` then holds the schedule.
+        The backward still ran: returning None from training_step on one rank would desynchronise DDP/FSDP2."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        norms = torch._foreach_norm(local) if local else []
+        bad = (~torch.stack([n.float() for n in norms]).isfinite()).sum() if norms else torch.zeros(())
+        totals = torch.stack([self._step_loss, self._step_count.to(self._step_loss.dtype), bad.to(self._step_loss)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        loss_sum, count = totals[0], totals[1]
+        loss_sum, count, bad = totals[0], totals[1], totals[2]
         if count <= 0:
             raise ValueError("an optimizer step had no target token at all; check the data's labels")
+        self._step_loss = torch.zeros((), device=self._step_loss.device)
+        self._step_count = torch.zeros((), dtype=torch.long, device=self._step_count.device)
+        self.optimizer_steps_seen += 1
+        if bad > 0 or not torch.isfinite(loss_sum):
+            self._skip_step(optimizer, loss_sum / count)
+            return
+        self.last_step_skipped, self.skipped_in_a_row = False, 0
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / count
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale.to(param.grad.dtype) if param.grad.dtype != scale.dtype else scale)
+        self.last_step_loss = float(loss_sum / count)
         self.log("train/loss", loss_sum / count, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
-        self._step_loss = torch.zeros((), device=self._step_loss.device)
-        self._step_count = torch.zeros((), dtype=torch.long, device=self._step_count.device)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def _skip_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """Drop this step's gradients, count it, and stop the run after `max_skipped_steps` in a row."""
+        for param in self.model.parameters():
+            param.grad = None
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        self.last_step_skipped, self.last_step_loss = True, None
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        limit = self.hparams.max_skipped_steps
+        step = self.trainer.global_step
+        rank_zero_warn(f"step {step}: skipped, the loss ({float(loss):.4g}) or a gradient is not finite")
+        if limit is not None and self.skipped_in_a_row >= limit:
+            raise NonFiniteTraining(
+                f"{self.skipped_in_a_row} optimizer steps in a row (steps {step - self.skipped_in_a_row + 1}-{step}) "
+                f"had a non-finite loss or gradient (max_skipped_steps: {limit}); the run stops: resume from an "
+                "earlier checkpoint with a lower lr, or check the data of those steps"
+            )
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None = None) -> None:
+        """A skipped step does not advance the schedule: the next update gets the LR the skipped one would have."""
+        if self.last_step_skipped:
+            return
+        scheduler.step() if metric is None else scheduler.step(metric)
 
     def configure_gradient_clipping(
         self,
@@ -233,6 +296,8 @@ class TrainingTask(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip by global norm (`trainer.gradient_clip_val`, Moxin: 1.0) and log the norm before clipping."""
+        if self.last_step_skipped:  # no gradients left to clip
+            return
         params = [p for p in self.model.parameters() if p.grad is not None]
         if gradient_clip_algorithm == "value" and gradient_clip_val:
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
@@ -243,6 +308,32 @@ class TrainingTask(L.LightningModule):
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    # -- the data ---------------------------------------------------------------------------------------------
+
+    def check_batch(self, batch: Any) -> None:
+        """Refuse a datamodule whose batches lack what this task reads (e.g. DPO on pretraining data), naming
+        the task, the datamodule and the missing keys instead of a KeyError deep in `loss_terms`."""
+        if not isinstance(batch, dict):
+            return
+        missing = [key for key in self.batch_keys if key not in batch]
+        if missing:
+            data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            where = type(data).__name__ if data is not None else "the data loader"
+            raise ValueError(
+                f"{type(self).__name__} needs batches with {', '.join(self.batch_keys)}; {where} gives "
+                f"{', '.join(batch) or 'no keys'} (missing: {', '.join(missing)}); pair the task with its "
+                "datamodule (see conf/)"
+            )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.check_batch(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_batch(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_batch(batch)
 
     # -- evaluation ---------------------------------------------------------------------------------------
 
@@ -272,6 +363,10 @@ class TrainingTask(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)
         if self.reports_perplexity:
             self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=False)
+
+
+class NonFiniteTraining(ValueError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient: a one-line stop (exit 2)."""
 
 
 def _is_sharded(strategy: Any) -> bool:

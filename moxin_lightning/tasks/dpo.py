@@ -34,6 +34,8 @@ class DPO(TrainingTask):
         **kwargs: the shared settings of `TrainingTask`; `conf/dpo.yaml` sets Moxin's.
     """
 
+    batch_keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "pair_index")
+
     def __init__(
         self,
         beta: float = 0.1,
@@ -62,6 +64,11 @@ class DPO(TrainingTask):
         if self.reference_kind != "cache" or self._cached:
             return
         data = self.trainer.datamodule
+        if not hasattr(data, "ordered_dataloader"):  # the cache reads pairs before the first batch check
+            raise ValueError(
+                f"DPO with reference: cache needs preference pairs ({', '.join(self.batch_keys)}); "
+                f"{type(data).__name__} gives none: pair the task with datamodules.PreferenceData"
+            )
         splits = ["train"] + (["val"] if len(data.val_dataloader()) else [])
         self._cached = {split: self._cached_reference(data, split) for split in splits}
 

@@ -11,6 +11,7 @@ the gradients are normalised by the global count of each optimizer step as in ev
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,6 +55,8 @@ class GRPO(TrainingTask):
         **kwargs: the shared settings of `TrainingTask`; `conf/grpo.yaml` sets Moxin-Reasoning's.
     """
 
+    batch_keys = ("prompt_ids", "prompt_text", "answer")
+
     def __init__(
         self,
         rewards: list[Reward],
@@ -76,6 +79,8 @@ class GRPO(TrainingTask):
             raise ValueError(f"group_size={group_size}: group-relative advantages need at least 2 completions")
         if epochs_per_batch < 1 or (micro_batch_size is not None and micro_batch_size < 1):
             raise ValueError("epochs_per_batch and micro_batch_size must be >= 1")
+        if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
+            raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
         super().__init__(**kwargs)
         self.automatic_optimization = False
         self.reward = CombinedReward(rewards, reward_weights)
@@ -202,15 +207,16 @@ class GRPO(TrainingTask):
                 loss_sum, count, loss_stats = self._surrogate(rollouts, slice(start, start + size))
                 self.track_step_loss(loss_sum, count)
                 self.manual_backward(loss_sum)
-            optimizer.step()  # on_before_optimizer_step normalises by the global count, then clips
-            scheduler.step()
+            optimizer.step()  # on_before_optimizer_step normalises by the global count, then clips (or skips)
+            if not self.last_step_skipped:  # a skipped step holds the schedule, as in automatic optimisation
+                scheduler.step()
         stats.update({name: float(value) for name, value in loss_stats.items()})
         stats["generation_share"] = stats.pop("generation_seconds") / (time.perf_counter() - step_started)
         for name, value in stats.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "reward_mean")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        super().on_before_optimizer_step(optimizer)  # gradients / global count of the step
+        super().on_before_optimizer_step(optimizer)  # gradients / global count of the step, or a skip
         self.configure_gradient_clipping(optimizer, self.max_grad_norm)  # manual optimisation: clip here
 
 
