@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -464,3 +465,18 @@ def test_the_metrics_file_gets_one_line_per_validation_and_one_at_fit_end_from_r
         {"step": 20, "event": "validation", "metrics": {"val/loss": 2.5, "train/loss": 3.0}},
         {"step": 40, "event": "fit_end", "metrics": {"val/loss": "nan"}},
     ]
+
+
+def test_a_sweep_whose_every_trial_failed_exits_2_with_one_line(program):
+    """Through the real command line: no trial produced the metric, so the sweep is an error, not a result."""
+    parameters = {"kind": {"values": ["crash", "silent"]}, "x": {"value": 1.5}}
+    file = write_spec(program.parent, "all-failing", method="grid", parameters=parameters)
+    words = [sys.executable, "-m", "moxin_lightning", "sweep", str(file), "--out", "out", "--poll_s", "0.05"]
+    result = subprocess.run(words, capture_output=True, text=True, timeout=300, cwd=program.parent)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sweep all-failing: no trial produced val/loss (2 of 2 failed); each trial's output is in "
+        "out/all-failing/<trial>/"
+    )
+    rows = json.loads((program.parent / "out" / "all-failing" / "results.json").read_text())["trials"]
+    assert [row["state"] for row in rows] == ["failed", "failed"]  # the results are still written

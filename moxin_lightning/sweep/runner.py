@@ -24,6 +24,10 @@ from moxin_lightning.sweep.spec import SweepSpec
 from moxin_lightning.sweep.trial import TrialResult, run_trial
 
 
+class SweepFailed(ValueError):
+    """No trial of the sweep produced its metric: a sweep that learned nothing must not exit 0 (a one-line error)."""
+
+
 class TrialFailed(Exception):
     """A trial that exited with an error or never logged the metric; the sweep records it and goes on."""
 
@@ -83,6 +87,12 @@ def run_sweep(
     rows = trial_rows(spec, study)
     write_results(spec, rows, folder)
     print_table(spec, rows)
+    if rows and not any(row["state"] == "complete" for row in rows):
+        failed = sum(row["state"] == "failed" for row in rows)
+        raise SweepFailed(
+            f"sweep {spec.name}: no trial produced {spec.metric} ({failed} of {len(rows)} failed); "
+            f"each trial's output is in {folder}/<trial>/"
+        )
     return rows
 
 
