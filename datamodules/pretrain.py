@@ -26,6 +26,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 
 from datamodules.packing import TokenPacker
 from moxin_lightning.data import manifest, remote  # remote: litdata's chunk downloads over http:// too
+from moxin_lightning.data.integrity import check_dataset, check_ids, verify_dataset
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
 from moxin_lightning.first_use import build_once, cached_folder
 from moxin_lightning.tokenizers import Tokenizer, load_tokenizer
@@ -40,6 +41,30 @@ BUILTIN_VAL_FRACTION = 0.02
 def _keep_list(items: list[Any]) -> list[Any]:
     """Collate function: documents differ in length, so a batch stays a list."""
     return items
+
+
+class CheckedDocuments(StreamingDataset):
+    """litdata's StreamingDataset whose documents are checked to hold ids within the vocabulary as they are read
+    (in the loader's workers too), so corrupted ids stop the run in one line naming the dataset and the chunk
+    instead of an IndexError in the embedding."""
+
+    def __init__(self, input_dir: str, *, dataset: str, vocab_size: int, **kwargs: Any) -> None:
+        super().__init__(input_dir, **kwargs)
+        self.dataset, self.vocab_size = dataset, vocab_size
+
+    def __getitem__(self, index: Any) -> Any:
+        item = super().__getitem__(index)
+        ids = np.asarray(item)
+        if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            split = Path(str(self.input_dir.path or self.input_dir.url)).name
+            chunk_index = getattr(index, "chunk_index", None)
+            try:
+                chunk = self.cache._reader.config._chunks[chunk_index]["filename"]
+            except (AttributeError, IndexError, KeyError, TypeError):
+                chunk = "a chunk"
+            position = getattr(index, "index", index)
+            check_ids(ids, self.vocab_size, self.dataset, f"{split}/{chunk} (document {position})")
+        return item
 
 
 def streamable_manifest(path: str | Path) -> dict[str, Any]:
@@ -70,6 +95,9 @@ class PretrainData(L.LightningDataModule):
         val_batches: batches in one validation pass over the held-out splits.
         max_seq_len, vocab_size: limits to check against; taken from the task's `model_config` (a
             `ModelConfig`) when the datamodule is attached to a trainer.
+        verify: re-hash every chunk of the local datasets against their manifests at setup (reads all the
+            data once; `python -m moxin_lightning verify DATASET` does the same). Counts, chunk sizes and the
+            presence of every chunk file are checked at setup anyway, and token ids as documents are read.
     """
 
     def __init__(
@@ -86,6 +114,7 @@ class PretrainData(L.LightningDataModule):
         val_batches: int = 20,
         max_seq_len: int | None = None,
         vocab_size: int | None = None,
+        verify: bool = False,
     ) -> None:
         super().__init__()
         if not datasets:
@@ -111,6 +140,7 @@ class PretrainData(L.LightningDataModule):
         self.val_batches = val_batches
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
+        self.verify = verify
         self.manifests: list[dict[str, Any]] = []
 
     # -- data and tokenizer ------------------------------------------------------------------------------
@@ -174,6 +204,9 @@ class PretrainData(L.LightningDataModule):
                 "prepare the data with the model's tokenizer or resize the model"
             )
         self._check_seq_len(self.seq_len)
+        for path, data in zip(self.datasets, self.manifests, strict=True):
+            if not remote.is_remote(path):  # an object store's chunks are fetched (and checked) by litdata
+                (verify_dataset if self.verify else check_dataset)(path, data)
 
     def _model_config(self) -> Any:
         trainer = self.trainer
@@ -209,9 +242,14 @@ class PretrainData(L.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------------------
 
     def _loaders(self, split: str, shuffle: bool, only: list[int] | None = None) -> list[StreamingDataLoader]:
+        limit = self._read_manifests()[0]["tokenizer"]["vocab_size"]  # ids the data's tokenizer can make
+        if self.vocab_size is not None:
+            limit = min(limit, self.vocab_size)
         return [
             StreamingDataLoader(
-                StreamingDataset(_split_dir(path, split), shuffle=shuffle, seed=self.seed),
+                CheckedDocuments(
+                    _split_dir(path, split), dataset=path, vocab_size=limit, shuffle=shuffle, seed=self.seed
+                ),
                 batch_size=self.docs_per_read,
                 num_workers=self.num_workers,
                 collate_fn=_keep_list,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 import moxin_lightning
 from moxin_lightning.data import manifest as manifests
 from moxin_lightning.data import remote  # remote: litdata's chunk downloads over http:// too
+from moxin_lightning.data.integrity import check_dataset, check_ids
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
 from moxin_lightning.data.prepare_records import RECORD_LAYOUT, plan_units
 from moxin_lightning.data.records import BUILTIN_PREFIXES, RecordFormat, reasons, skip_summary, template_fingerprint
@@ -73,6 +75,24 @@ class EpochStream(StreamingDataLoader):
             self.restore = False
         self._resuming_epoch_started = bool(self.restore)
         return super().__iter__()
+
+
+class IdsChecked:
+    """A collate function that first checks every integer array of every item (ids, prompt, chosen, ...) to hold
+    ids within the vocabulary, naming the dataset and the record, so corrupted data is one line, not an IndexError
+    in the embedding (flags such as `trained` are 0/1 and pass)."""
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], Any], vocab_size: int, dataset: str, split: str):
+        self.collate, self.vocab_size, self.dataset, self.split = collate, vocab_size, dataset, split
+
+    def __call__(self, items: list[dict[str, Any]]) -> Any:
+        for item in items:
+            for key, value in item.items():
+                ids = value if isinstance(value, np.ndarray) else None
+                if ids is not None and ids.dtype.kind in "iu":
+                    where = f"{self.split} record {item.get('index', '?')} ({key})"
+                    check_ids(ids, self.vocab_size, self.dataset, where)
+        return self.collate(items)
 
 
 class Positions(Dataset):
@@ -272,6 +292,8 @@ class RecordData(L.LightningDataModule):
             if folder not in self.datasets:
                 self.datasets.append(folder)
                 self.manifests.append(data)
+                if not remote.is_remote(folder):  # counts, chunk files and their sizes against the manifest
+                    check_dataset(folder, data)
             if not data["splits"].get(inside, {}).get("records"):
                 raise ValueError(self._nothing_usable(split, data, inside))
             self.streams[split] = IndexedDataset(
@@ -405,8 +427,11 @@ class RecordData(L.LightningDataModule):
             self.streams["train"],
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=self.collate(),
+            collate_fn=self._checked_collate("train"),
         )
+
+    def _checked_collate(self, split: str) -> IdsChecked:
+        return IdsChecked(self.collate(), self.tokenizer.vocab_size, self._plan()[split][0], split)
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out split in order; no validation (an empty list) without one."""
@@ -414,7 +439,7 @@ class RecordData(L.LightningDataModule):
             self.setup()
         if "val" not in self.streams:
             return []
-        return self._ordered(Positions(self.streams["val"]))
+        return self._ordered(Positions(self.streams["val"]), "val")
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
@@ -430,14 +455,14 @@ class RecordData(L.LightningDataModule):
         per_rank = -(-total // world_size)
         share = list(range(rank * per_rank, min(total, (rank + 1) * per_rank))) or [total - 1]
         share += share[-1:] * (per_rank - len(share))
-        return self._ordered(Positions(self.streams[split], share))
+        return self._ordered(Positions(self.streams[split], share), split)
 
-    def _ordered(self, dataset: Dataset) -> DataLoader:
+    def _ordered(self, dataset: Dataset, split: str) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=False,
-            collate_fn=self.collate(),
+            collate_fn=self._checked_collate(split),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -4,7 +4,7 @@ Training runs through Lightning: `fit`, `validate` and `test` are a `LightningCL
 (`--config` files merge in order, `${...}` interpolations resolve after merging, any key can be set with a
 flag such as `--trainer.max_steps=100`, `--print_config` shows the result). The other commands are plain
 argparse: `info` (a preset's size, FLOPs and cache memory), `demo` (a self-check of the backbone, the
-rolling-buffer generator and the Hugging Face round trip on a tiny model), `train-tokenizer` and `prepare`
+rolling-buffer generator and the Hugging Face round trip on a tiny model), `train-tokenizer`, `prepare` and `verify`
 (the data pipeline), `sweep` (a W&B sweep spec run locally with Optuna), `generate` (stream a continuation or
 chat), `export` (a checkpoint as a Hugging Face folder) and `eval` (lm-evaluation-harness). Each command module
 registers its own arguments and raises one-line errors, which `main` prints as `error: ...` (exit 2).
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moxin_lightning.data.prepare import register as register_prepare
 
     register_prepare(commands)
+    from moxin_lightning.data.integrity import register as register_verify
+
+    register_verify(commands)
     from moxin_lightning.sweep import register as register_sweep
 
     register_sweep(commands)

@@ -23,6 +23,16 @@ def exit_with(error: BaseException) -> NoReturn:
     """Print the error's first line as `error: ...` and exit 2 (re-raise it under MOXIN_TRACEBACK=1)."""
     if os.environ.get("MOXIN_TRACEBACK"):
         raise error
-    text = str(error).strip()
+    text = _raised_in_worker(str(error).strip())
     print(f"error: {text.splitlines()[0] if text else type(error).__name__}", file=sys.stderr)
     sys.exit(2)
+
+
+def _raised_in_worker(text: str) -> str:
+    """The original message of an error a DataLoader worker raised: torch re-raises it in the main process as
+    "Caught X in DataLoader worker process N." followed by the worker's traceback, whose last line is the message."""
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    last = text.splitlines()[-1]
+    _, separator, message = last.partition(": ")
+    return message if separator else last

@@ -440,7 +440,9 @@ def test_cli_subcommand_prepares_and_refuses_a_second_run(tmp_path, tokenizer, c
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))
     path = write_jsonl(tmp_path / "docs.jsonl", [{"t": f"{text} #{i}"} for i, text in enumerate(DOCUMENTS * 8)])
-    argv = ["prepare", "--input", str(path), "--input", str(path), "--tokenizer", str(tokenizer.path.parent)]
+    other = tmp_path / "docs2.jsonl"  # the same records in a second file (one file named twice is refused)
+    other.write_bytes(path.read_bytes())
+    argv = ["prepare", "--input", str(path), "--input", str(other), "--tokenizer", str(tokenizer.path.parent)]
     argv += ["--output", str(tmp_path / "out"), "--text_key", "t", "--num_workers", "1", "--val_fraction", "0.3"]
     args = parser.parse_args(argv)
     args.run(args)

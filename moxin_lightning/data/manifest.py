@@ -5,10 +5,10 @@ Training reads the manifest to check, before any work, that the data was made wi
 
 The fingerprint is the sha256 of the manifest written as canonical JSON (sorted keys, no spaces) without the
 fields that say where, when or in how many chunk files rather than what: `fingerprint` itself, `created`,
-`moxin_lightning_version`, `litdata_version`, and every `input`, `path`, `skipped_examples` and `chunks` (moving the
-inputs or the output, or another `num_workers`, does not change the data). What remains pins the tokens
-exactly: each split's sha256 over its int32 token stream, the tokenizer's hash, the document format and split
-rule, and each source's sha256 and counts.
+`moxin_lightning_version`, `litdata_version`, and every `input`, `path`, `skipped_examples`, `chunks` and
+`chunk_sha256` (moving the inputs or the output, or another `num_workers`, does not change the data). What
+remains pins the tokens exactly: each split's sha256 over its int32 token stream, the tokenizer's hash, the
+document format and split rule, and each source's sha256 and counts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ FORMAT = "moxin_lightning.tokens/1"
 SPLITS = ("train", "val")
 _NOT_IDENTITY = frozenset(
     {"fingerprint", "created", "moxin_lightning_version", "litdata_version"}
-    | {"input", "path", "skipped_examples", "chunks"}
+    | {"input", "path", "skipped_examples", "chunks", "chunk_sha256"}  # chunk files: how many depends on workers
 )
 
 

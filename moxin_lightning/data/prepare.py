@@ -32,22 +32,27 @@ This module does not import Lightning.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import importlib
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moxin_lightning.data import manifest as manifests
 from moxin_lightning.data.builtin import local_parts
+from moxin_lightning.data.integrity import chunk_hashes
 from moxin_lightning.data.nodes import NodeRun, Nodes, resolve_nodes, write_splits
 from moxin_lightning.data.prepare_records import FORMATS, encode_records, make_format, plan_units
 from moxin_lightning.data.publish import check_output, publish, remove_stale_temporaries, staging_folder
 from moxin_lightning.data.records import reasons
 from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens
-from moxin_lightning.data.sources import DataError, Source, expand_input
+from moxin_lightning.data.sources import MISSING_KEY, DataError, Source, expand_input, refuse_repeats
 from moxin_lightning.data.worker import SPLIT_RULE, TokenizeUnits, ValTokens
 from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import ChatTemplate
@@ -56,6 +61,8 @@ from moxin_lightning.tokenizers.load import load_tokenizer
 TOKENIZER_FOLDER = "tokenizer"
 DOCUMENT_FORMAT = "BOS + tokenizer.encode(text) + EOS per document; documents back to back in input order"
 DEFAULT_CHUNK_BYTES = "64MB"
+# errno values that mean the output cannot take the data (disk or quota full, file-size limit, read-only, I/O)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
 READ_WITH = {
     "documents": "litdata.StreamingDataset(dir): one int32 array per document",
     "tokens": "litdata.StreamingDataset(dir, item_loader=litdata.TokensLoader(block_size=n)): blocks of n tokens",
@@ -173,6 +180,7 @@ def prepare(
             reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress, run)
             if reports is None:  # another node than the last: its part is done
                 return None
+            _warn_unused_files(reports, text_key)
             body = _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout)
         else:
             body = encode_records(
@@ -204,8 +212,28 @@ def prepare(
             shutil.rmtree(staging, ignore_errors=True)
         else:  # the other nodes need this node's report; the last node deletes the staging folder
             run.fail(error, staging / ".work" / "stats")
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            raise PrepareError(
+                f"writing {destination} failed: {error.strerror or error} ({errno.errorcode[error.errno]}); "
+                "nothing was written there: make room on its file system (or lift the file-size limit) and run "
+                "prepare again"
+            ) from None
         raise
     return output
+
+
+def _warn_unused_files(reports: list[dict[str, Any]], text_key: str) -> None:
+    """A warning line on the console for each file none of whose records has the text field: its records are all
+    skipped (and counted in the manifest), which is almost always a wrong --text_key rather than intended."""
+    for report in reports:
+        source = report["source"]
+        if source["documents"] == 0 and set(source["skipped"]) == {MISSING_KEY}:
+            print(
+                f"prepare: warning: {source['path']}: all {source['skipped'][MISSING_KEY]:,} records lack the text "
+                f"field {text_key!r}, so the file adds no documents; pass --text_key FIELD naming its text field",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _tokenize(
@@ -262,6 +290,7 @@ def _plan(inputs: Sequence[str], text_key: str) -> tuple[list[tuple[str, list[in
         expanded = expand_input(spec, text_key)
         if not expanded:
             raise DataError(f"--input {spec} holds no documents (a cap of 0, or an empty corpus)")
+        refuse_repeats([source.path for source in sources], [source.path for source in expanded])
         units = list(range(len(sources), len(sources) + len(expanded)))
         sources.extend(expanded)
         if spec.startswith("builtin:"):
@@ -327,7 +356,7 @@ def _split_entry(folder: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
     digest = hashlib.sha256()
     tokens = 0
     for piece in read_tokens(folder):
-        digest.update(piece.astype("<i4", copy=False).tobytes())
+        digest.update(np.ascontiguousarray(piece, dtype="<i4"))  # no bytes copy
         tokens += piece.size
     entry = {
         "path": folder.name,
@@ -335,6 +364,7 @@ def _split_entry(folder: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens": sum(report["tokens"] for report in reports),
         "chunks": len(list(folder.glob("chunk-*.bin"))),
         "sha256": digest.hexdigest(),
+        "chunk_sha256": chunk_hashes(folder),  # `verify` names the chunk whose bytes changed
     }
     if (count_items(folder), tokens) != (entry["documents"], entry["tokens"]):
         raise PrepareError(

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from moxin_lightning.data.chat_records import ChatFormat
+from moxin_lightning.data.integrity import chunk_hashes
 from moxin_lightning.data.nodes import NodeRun, write_splits
 from moxin_lightning.data.preference_records import PreferenceFormat
 from moxin_lightning.data.prompt_records import PromptFormat
 from moxin_lightning.data.record_worker import EncodeRecords, ValItems
 from moxin_lightning.data.records import RECORD_SPLIT_RULE, RecordFormat, SplitCounts, reasons
 from moxin_lightning.data.shards import count_items
-from moxin_lightning.data.sources import DataError
+from moxin_lightning.data.sources import DataError, refuse_repeats
 from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import TULU, ChatTemplate
 
@@ -84,9 +85,7 @@ def plan_units(record_format: RecordFormat, inputs: list[str]) -> list[str]:
         found = record_format.units(str(spec))
         if not found:
             raise DataError(f"--input {spec} holds no records")
-        repeated = sorted(set(units) & set(found))
-        if repeated:
-            raise DataError(f"--input {repeated[0]} is listed twice; each file is read once, so pass it once")
+        refuse_repeats(units, found)
         units.extend(found)
     return units
 
@@ -128,6 +127,7 @@ def encode_records(
         counts, digest = splits[split]
         folder = staging / split
         entry = {"path": split, **counts.to_dict(), "chunks": len(list(folder.glob("chunk-*.bin"))), "sha256": digest}
+        entry["chunk_sha256"] = chunk_hashes(folder)  # `verify` names the chunk whose bytes changed
         if count_items(folder) != counts.records:
             raise _prepare_error(
                 f"{split}: litdata holds {count_items(folder)} items, the workers made {counts.records}"

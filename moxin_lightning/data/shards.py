@@ -23,6 +23,7 @@ and lists worker k's chunks before worker k+1's in `index.json`, so the items co
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ import random
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +42,7 @@ import numpy as np
 DTYPE = np.int32  # token ids as stored; litdata's readers take the dtype from index.json
 LAYOUTS = ("documents", "tokens")
 _HEADER_BYTES = 4  # litdata chunk: uint32 item count, uint32 offsets[count + 1], then the items' bytes
+_FAILURES_ENV = "MOXIN_SHARD_FAILURES"  # folder where a litdata worker that failed writes why (see _guarded_loop)
 
 
 def default_start_method() -> str:
@@ -69,19 +72,98 @@ def write_shards(
     from litdata import optimize
     from litdata.streaming.item_loader import TokensLoader
 
+    _guard_litdata_workers()
+    failures = cache_dir / "failures"  # what a failed worker recorded (see _guarded_loop), raised here in one line
+    failures.mkdir(parents=True, exist_ok=True)
     with _restored_process_state(cache_dir, num_nodes, node_rank):
-        optimize(
-            fn=fn,
-            inputs=list(range(num_units)),
-            output_dir=str(output_dir),
-            chunk_bytes=chunk_bytes,
-            item_loader=TokensLoader() if layout == "tokens" else None,
-            num_workers=max(1, min(num_workers, num_units)),
-            keep_data_ordered=True,
-            reorder_files=False,
-            start_method=start_method or default_start_method(),
-            verbose=False,
-        )
+        os.environ[_FAILURES_ENV] = str(failures)
+        try:
+            optimize(
+                fn=fn,
+                inputs=list(range(num_units)),
+                output_dir=str(output_dir),
+                chunk_bytes=chunk_bytes,
+                item_loader=TokensLoader() if layout == "tokens" else None,
+                num_workers=max(1, min(num_workers, num_units)),
+                keep_data_ordered=True,
+                reorder_files=False,
+                start_method=start_method or default_start_method(),
+                verbose=False,
+            )
+        except Exception:
+            _raise_worker_failure(failures)
+            raise
+        finally:
+            os.environ.pop(_FAILURES_ENV, None)
+        _raise_worker_failure(failures)
+
+
+def _guard_litdata_workers() -> None:
+    """Make a litdata worker whose loop raises (e.g. a chunk write fails: disk full) stop its helper processes and
+    say why in a file, instead of hanging.
+
+    litdata 0.2.76 catches the error in the worker's `run`, queues it and lets the process exit; but the
+    helpers that worker started (uploader, downloader, remover) are only told to stop on success, and a process
+    waits for its non-daemon children at exit, so the worker never ends and `optimize` waits on it forever. The
+    guard wraps `BaseWorker._loop`; installed when this module is imported, which a spawned worker does when it
+    unpickles our function, and inherited by forked ones."""
+    try:
+        from litdata.processing import data_processor
+    except ImportError:
+        return
+    worker = data_processor.BaseWorker
+    if getattr(worker._loop, "_moxin_guarded", False):
+        return
+    loop = worker._loop
+
+    def _guarded_loop(self: Any) -> None:
+        try:
+            loop(self)
+        except BaseException as error:
+            _record_failure(error)
+            for helper in [*getattr(self, "uploaders", []), *getattr(self, "downloaders", []), self.remover]:
+                if helper is not None and helper.is_alive():
+                    helper.terminate()
+                    helper.join(5)
+            raise
+
+    _guarded_loop._moxin_guarded = True  # type: ignore[attr-defined]
+    worker._loop = _guarded_loop
+
+
+def _record_failure(error: BaseException) -> None:
+    """Write the failure of this worker (the OSError at its root, when there is one) where `write_shards` looks.
+    Best effort: on a full disk even this small file may not fit, and then only its empty name is left."""
+    folder = os.environ.get(_FAILURES_ENV)
+    if not folder:
+        return
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        record = {"errno": cause.errno, "strerror": cause.strerror, "filename": cause.filename, "message": str(cause)}
+    else:
+        record = {"errno": None, "message": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    path = Path(folder) / f"{os.getpid()}.json"
+    try:
+        path.write_text(json.dumps(record))
+    except OSError:
+        try:
+            path.touch()
+        except OSError:
+            pass
+
+
+def _raise_worker_failure(failures: Path) -> None:
+    """Raise what a litdata worker recorded (an OSError as such, with its errno), in one line."""
+    for path in sorted(failures.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise OSError(errno.ENOSPC, "a litdata worker failed writing shards (likely no space left)") from None
+        if record.get("errno") is not None:
+            raise OSError(record["errno"], record["strerror"], record["filename"]) from None
+        raise RuntimeError(f"a litdata worker failed: {record['message'].splitlines()[0]}") from None
 
 
 def index(split_dir: str | Path) -> dict[str, Any]:
@@ -152,3 +234,6 @@ def _restored_process_state(cache_dir: Path, num_nodes: int = 1, node_rank: int 
         random.setstate(saved_random)
         np.random.set_state(saved_numpy)
         torch.random.set_rng_state(saved_torch)
+
+
+_guard_litdata_workers()  # see its docstring: spawned workers import this module before running

@@ -311,6 +311,22 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+def refuse_repeats(listed: list[str], found: list[str]) -> None:
+    """DataError (one line, before any work) when a file of `found` is already in `listed`: two --input naming one
+    file, or a glob and a path that overlap, would read and tokenize it twice. `prepare` (documents) and the record
+    formats (`prepare_records.plan_units`) both check here. Local paths are compared resolved (`./a` is `a`)."""
+    seen = {_same_file(path) for path in listed}
+    for path in found:
+        if _same_file(path) in seen:
+            raise DataError(f"--input {path} is listed twice; each file is read once, so pass it once")
+
+
+def _same_file(path: str) -> str:
+    import os
+
+    return path if "://" in path or path.startswith("builtin") else os.path.realpath(path)
+
+
 def expand_input(spec: str, text_key: str = "text") -> list[Source]:
     """The sources one `--input` names, in a fixed order (glob matches sorted); DataError if it names nothing."""
     if spec.startswith("builtin:"):
