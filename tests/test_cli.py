@@ -264,8 +264,8 @@ def test_help_lists_every_command(capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     commands = text.split("{", 1)[1].split("}", 1)[0].split(",")
-    expected = ["fit", "validate", "test", "info", "demo", "train-tokenizer", "prepare", "sweep", "generate", "export"]
-    assert commands == [*expected, "eval"]
+    expected = ["fit", "validate", "test", "info", "demo", "train-tokenizer", "prepare", "verify", "sweep", "generate"]
+    assert commands == [*expected, "export", "eval"]
 
 
 def test_fit_help_is_lightning_clis(capsys):
