@@ -9,6 +9,7 @@ when every rank has finished, so a crash mid-save leaves the previous checkpoint
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from moxin_lightning.atomic import remove_stale_temporaries, staging_folder, swap_into_place
-from moxin_lightning.checkpoint_io import CheckpointReadError, unreadable_checkpoint
+from moxin_lightning.checkpoint_io import CheckpointReadError, CheckpointWriteError, unreadable_checkpoint
 
 
 class FSDP2(ModelParallelStrategy):
@@ -67,8 +68,21 @@ class FSDP2(ModelParallelStrategy):
             remove_stale_temporaries(output)
             staging = staging_folder(output)
         staging = Path(self.broadcast(str(staging)))
-        super().save_checkpoint(checkpoint, staging, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+        except Exception as error:  # torch's DCP raises on every rank when any rank's write fails
+            if self.is_global_zero:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointWriteError(f"could not write checkpoint {output}: {_reason(error)}") from None
         self.barrier("sharded checkpoint written")
         if self.is_global_zero:
             swap_into_place(staging, output)
         self.barrier("sharded checkpoint in place")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of what went wrong: an OSError's own words (errno text), else the error's first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
