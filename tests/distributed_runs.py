@@ -107,6 +107,7 @@ def train(
     checkpoint_dir: Path | None = None,
     ckpt_path: Path | None = None,
     sft_reduction: str | None = None,
+    nan_step: int | None = None,
 ) -> dict[str, Any]:
     """Train the tiny Pretrain task (or SFT with `sft_reduction`) on the fixed batches; returns the steps, the full
     final weights (on every rank: collecting them is a collective) and how the model ended up wrapped."""
@@ -117,6 +118,8 @@ def train(
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     task_class, extra = (Pretrain, {}) if sft_reduction is None else (SFT, {"loss_reduction": sft_reduction})
+    if nan_step is not None:
+        task_class, extra = _nan_task(), {"nan_step": nan_step}
     task = task_class(
         **extra,
         preset="moxin-tiny-9m",
@@ -164,7 +167,27 @@ def train(
         "block_forwards": [getattr(block.forward, "__name__", "") for block in task.model.blocks],
         "dtensor_params": sorted(name for name, p in params.items() if isinstance(p, DTensor)),
         "params": sorted(params),
+        "skipped_steps": task.skipped_steps,
     }
+
+
+def _nan_task() -> type:
+    from moxin_lightning.tasks import Pretrain
+
+    class NaN(Pretrain):
+        """Pretrain whose loss is NaN at optimizer step `nan_step` on the last rank only (all ranks must skip)."""
+
+        def __init__(self, nan_step: int, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.nan_step = nan_step
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            if self.global_step == self.nan_step and self.global_rank == self.trainer.world_size - 1:
+                loss = loss * float("nan")
+            return loss
+
+    return NaN
 
 
 # the runs each strategy's process performs, in order (a later run may read an earlier one's checkpoint)
@@ -175,6 +198,7 @@ RUNS = {
     "checkpointed_activations": {"activation_checkpointing": True},
     "saving": {"checkpoint_dir": "checkpoints"},
     "resumed": {"ckpt_path": f"checkpoints/step={CHECKPOINT_EVERY}.ckpt"},
+    "nan_on_last_rank": {"nan_step": 2},
 }
 
 

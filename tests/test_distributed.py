@@ -83,13 +83,13 @@ def one_process() -> dict:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory) -> dict[str, dict]:
-    return launch("ddp", tmp_path_factory.mktemp("ddp"), ["plain", "accumulated", "sft_mean"])
+    return launch("ddp", tmp_path_factory.mktemp("ddp"), ["plain", "accumulated", "sft_mean", "nan_on_last_rank"])
 
 
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("fsdp2")
-    results = launch("fsdp2", out, ["saving", "checkpointed_activations", "resumed"])
+    results = launch("fsdp2", out, ["saving", "checkpointed_activations", "resumed", "nan_on_last_rank"])
     results["checkpoints"] = out / "checkpoints"
     return results
 
@@ -129,6 +129,21 @@ def test_sft_accumulation_8x1_equals_1x8_for_both_reductions():
 def test_sft_per_conversation_mean_on_2_processes_matches_one_process(ddp):
     """2 processes x 2 micro-batches of 1 row = 1 process x 4 rows, with the per-conversation `mean` reduction."""
     assert_same_training(ddp["sft_mean"], train_here(sft_reduction="mean"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(strategy, ddp, fsdp2):
+    """Rank 1's loss is NaN at step 2, rank 0's is finite: both skip that step (no update, the schedule holds) and
+    end with the weights of one process that skipped the same step; rank 0 counts the skip it did not see."""
+    reference = train_here(nan_step=2)
+    result = {"ddp": ddp, "fsdp2": fsdp2}[strategy]["nan_on_last_rank"]
+    assert reference["skipped_steps"] == result["skipped_steps"] == 1
+    assert [s["lr"] for s in result["steps"]] == pytest.approx([s["lr"] for s in reference["steps"]], rel=1e-7)
+    for name, weight in reference["weights"].items():
+        torch.testing.assert_close(result["weights"][name], weight, rtol=0, atol=1e-5, msg=name)
+    unskipped = train_here()["weights"]
+    assert any(not torch.allclose(unskipped[name], weight, atol=1e-4) for name, weight in reference["weights"].items())
 
 
 @pytest.mark.distributed
