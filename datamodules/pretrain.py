@@ -205,8 +205,10 @@ class PretrainData(L.LightningDataModule):
             )
         self._check_seq_len(self.seq_len)
         for path, data in zip(self.datasets, self.manifests, strict=True):
-            if not remote.is_remote(path):  # an object store's chunks are fetched (and checked) by litdata
-                (verify_dataset if self.verify else check_dataset)(path, data)
+            if self.verify and not remote.is_remote(path):  # content hashes: local data (`verify` reads it all)
+                verify_dataset(path, data)
+            else:  # counts, chunk files and their sizes against the manifest, on an object store too
+                check_dataset(path, data)
 
     def _model_config(self) -> Any:
         trainer = self.trainer

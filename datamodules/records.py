@@ -292,8 +292,7 @@ class RecordData(L.LightningDataModule):
             if folder not in self.datasets:
                 self.datasets.append(folder)
                 self.manifests.append(data)
-                if not remote.is_remote(folder):  # counts, chunk files and their sizes against the manifest
-                    check_dataset(folder, data)
+                check_dataset(folder, data)  # counts, chunk files and their sizes against the manifest
             if not data["splits"].get(inside, {}).get("records"):
                 raise ValueError(self._nothing_usable(split, data, inside))
             self.streams[split] = IndexedDataset(

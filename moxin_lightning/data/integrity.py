@@ -52,16 +52,51 @@ def _items_key(entry: dict[str, Any]) -> str:
 
 
 def check_dataset(dataset: str | Path, manifest: dict[str, Any]) -> None:
-    """The cheap structural check of every split of a local prepared dataset (see the module docstring)."""
+    """The cheap structural check of every split of a prepared dataset, local or on an object store (see the module
+    docstring)."""
     for split, entry in manifest.get("splits", {}).items():
         check_split(dataset, split, entry)
 
 
+class _Files:
+    """Reads a split's files where they are: a local folder, or an object-store prefix through fsspec (one listing
+    gives every object's size, so the check costs one request per split, not one per chunk)."""
+
+    def __init__(self, dataset: str | Path, name: str) -> None:
+        from moxin_lightning.data.remote import is_remote
+
+        self.remote = is_remote(dataset)
+        if self.remote:
+            import fsspec
+
+            self.fs, root = fsspec.core.url_to_fs(f"{str(dataset).rstrip('/')}/{name}")
+            self.root = root.rstrip("/")
+            self.fs.invalidate_cache(self.root)
+            self.sizes = {info["name"].rsplit("/", 1)[-1]: info["size"] for info in self.fs.ls(self.root, detail=True)}
+        else:
+            self.folder = Path(dataset) / name
+
+    def text(self, name: str) -> str:
+        if not self.remote:
+            return (self.folder / name).read_text()
+        if name not in self.sizes:
+            raise FileNotFoundError(name)
+        with self.fs.open(f"{self.root}/{name}", "r") as file:
+            return file.read()
+
+    def size(self, name: str) -> int:
+        if not self.remote:
+            return (self.folder / name).stat().st_size
+        if name not in self.sizes:
+            raise FileNotFoundError(name)
+        return int(self.sizes[name])
+
+
 def check_split(dataset: str | Path, split: str, entry: dict[str, Any]) -> None:
-    folder = Path(dataset) / entry.get("path", split)
     where = f"dataset {dataset}: {split}/"
     try:
-        index = json.loads((folder / "index.json").read_text())
+        files = _Files(dataset, entry.get("path", split))
+        index = json.loads(files.text("index.json"))
     except (OSError, ValueError) as error:
         reason = "is missing" if isinstance(error, FileNotFoundError) else "cannot be read"
         raise DataIntegrityError(f"{where}index.json {reason}; {_FIX}") from None
@@ -78,9 +113,8 @@ def check_split(dataset: str | Path, split: str, entry: dict[str, Any]) -> None:
             f"{where}index.json lists {len(chunks)} chunks but the manifest says {entry['chunks']}; {_FIX}"
         )
     for chunk in chunks:
-        path = folder / chunk["filename"]
         try:
-            size = path.stat().st_size
+            size = files.size(chunk["filename"])
         except FileNotFoundError:
             raise DataIntegrityError(f"{where}{chunk['filename']} is missing; {_FIX}") from None
         if size != chunk["chunk_bytes"]:
