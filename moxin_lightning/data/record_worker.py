@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from moxin_lightning.data.records import Encoded, RecordFormat, SplitCounts, held_out
-from moxin_lightning.data.sources import DataError
-from moxin_lightning.data.worker import _write_atomic, failed
+from moxin_lightning.data.worker import _write_atomic, failed, report_failure
 
 BATCH_RECORDS = 512  # records encoded per tokenizer call: enough for sentencepiece's loop, small in memory
 
@@ -123,19 +121,8 @@ class EncodeRecords:
         _write_atomic(self.stats_dir / f"{unit:06d}.json", json.dumps(report))
 
     def _fail(self, unit: int, batch: list[tuple[str, Any, str]], error: Exception) -> None:
-        lines = str(error).strip().splitlines()
-        message = lines[0] if lines else ""
-        if not isinstance(error, DataError):
-            where = f"{batch[0][0]} .. {batch[-1][0]}" if batch else self.units[unit]
-            message = f"encoding {where} failed: {type(error).__name__}: {message}".rstrip(": ")
-        report = {
-            "unit": unit,
-            "data_error": isinstance(error, DataError),
-            "message": message,
-            "traceback": traceback.format_exc(),
-        }
-        _write_atomic(self.stats_dir / f"{unit:06d}.error", json.dumps(report))
-        (self.stats_dir / "failed").touch()
+        where = f"{batch[0][0]} .. {batch[-1][0]}" if batch else self.units[unit]
+        report_failure(self.stats_dir, unit, f"encoding {where}", error)
 
 
 @dataclass

@@ -173,19 +173,25 @@ class TokenizeUnits:
         _write_atomic(self.stats_dir / f"{unit:06d}.json", json.dumps(report))
 
     def _fail(self, unit: int, source: Source, batch: list[Record], error: Exception) -> None:
-        lines = str(error).strip().splitlines()
-        message = lines[0] if lines else ""
-        if not isinstance(error, DataError):
-            where = f"{batch[0].where} .. {batch[-1].where}" if batch else source.path
-            message = f"tokenizing {where} failed: {type(error).__name__}: {message}".rstrip(": ")
-        report = {
-            "unit": unit,
-            "data_error": isinstance(error, DataError),
-            "message": message,
-            "traceback": traceback.format_exc(),
-        }
-        _write_atomic(self.stats_dir / f"{unit:06d}.error", json.dumps(report))
-        (self.stats_dir / "failed").touch()
+        where = f"{batch[0].where} .. {batch[-1].where}" if batch else source.path
+        report_failure(self.stats_dir, unit, f"tokenizing {where}", error)
+
+
+def report_failure(stats_dir: Path, unit: int, doing: str, error: Exception) -> None:
+    """Write a unit's `.error` report and the `failed` flag (see the module docstring): a DataError's own line, or
+    `<doing> failed: <type>: <first line>` for anything else, with the traceback kept for debugging."""
+    lines = str(error).strip().splitlines()
+    message = lines[0] if lines else ""
+    if not isinstance(error, DataError):
+        message = f"{doing} failed: {type(error).__name__}: {message}".rstrip(": ")
+    report = {
+        "unit": unit,
+        "data_error": isinstance(error, DataError),
+        "message": message,
+        "traceback": traceback.format_exc(),
+    }
+    _write_atomic(stats_dir / f"{unit:06d}.error", json.dumps(report))
+    (stats_dir / "failed").touch()
 
 
 @dataclass
