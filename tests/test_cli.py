@@ -403,9 +403,10 @@ def test_the_readme_job_trains_phase1_on_a_cpu_and_phase2_starts_from_its_releas
     run("validate", *configs(PHASES["phase1"], LOCAL), *csv_logger, "--trainer.logger.init_args.name=untrained")
     (untrained,) = column(csv_rows(work / "untrained" / "version_0" / "metrics.csv"), "val/loss")
     assert untrained == pytest.approx(math.log(4096), abs=0.3)  # nearly uniform over the 4096 pieces
-    # falling: each check within noise (0.1 nat: the built-in corpus, and so its held-out split, follows the
-    # installed packages) of the best so far, and clearly lower at the end
-    assert all(v <= min(val[:i]) + 0.1 for i, v in enumerate(val) if i), val
+    # falling: clearly lower at the end than at the first check and than untrained. Not checked: that each check is
+    # below the previous one. The built-in corpus, and so its held-out split, follows the installed packages (a
+    # fixed corpus is issue 14): with the dev extra of this commit one fresh environment gave 6.65, 6.38, 6.94,
+    # 6.10, 6.03, 6.12, another 6.86, 6.93, 6.53, 6.17, 6.05, 5.95 (the same with the code before this session's).
     assert untrained - val[0] >= 1.0, (untrained, val)
     assert untrained - val[-1] >= 1.5, (untrained, val)
     assert val[0] - val[-1] >= 0.15, val  # the built-in corpus (installed packages) moves these figures
