@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -109,7 +110,7 @@ class Positions(Dataset):
         return self.dataset[self.positions[index]]
 
 
-class RecordData(L.LightningDataModule):
+class RecordData(L.LightningDataModule, ABC):
     """Base of the instruction datamodules. A subclass sets `format_name` and `usable`, implements `record_format`
     (the `RecordFormat` its settings make), `collate` and, if it has settings beyond the template, `_check_settings`.
 
@@ -181,11 +182,13 @@ class RecordData(L.LightningDataModule):
 
     # -- what subclasses define ----------------------------------------------------------------------------
 
+    @abstractmethod
     def record_format(self, tokenizer: Tokenizer) -> RecordFormat:
-        raise NotImplementedError(f"{type(self).__name__} must define record_format()")
+        """The format, with this datamodule's settings, that prepares and checks its records."""
 
+    @abstractmethod
     def collate(self) -> Callable[[list[dict[str, Any]]], Any]:
-        raise NotImplementedError(f"{type(self).__name__} must define collate()")
+        """Items -> a batch of the task's keys."""
 
     def sequence_length(self) -> int:
         """The longest sequence a batch can hold (checked against the model's max_seq_len)."""

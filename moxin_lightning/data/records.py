@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -225,7 +226,7 @@ class Encoded:
     truncated: bool = False
 
 
-class RecordFormat:
+class RecordFormat(ABC):
     """Records (JSON objects) -> litdata items, for one stage. Subclasses set the class attributes and implement
     `parse` (a record -> what the template encodes, or the reason it cannot be used) and `encode_parsed`.
 
@@ -288,14 +289,14 @@ class RecordFormat:
 
     # -- encoding ------------------------------------------------------------------------------------------
 
+    @abstractmethod
     def parse(self, value: dict[str, Any]) -> Any:
         """What the record holds (for `split_key` and `encode_parsed`), or a str: the reason it cannot be used."""
-        raise NotImplementedError
 
-    def split_key(self, parsed: Any) -> Any:
-        """What the held-out split hashes (JSON-serialisable)."""
-        raise NotImplementedError
+    @abstractmethod
+    def split_key(self, parsed: Any) -> Messages:
+        """The turns the held-out split hashes."""
 
+    @abstractmethod
     def encode_parsed(self, parsed: list[Any]) -> list[Encoded | str]:
         """Items (or skip reasons) for a batch of parsed records, in order."""
-        raise NotImplementedError
