@@ -4,16 +4,13 @@ with it, and a run resumed mid-epoch over S3 trains on the uninterrupted run's b
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import ChatData
 from moxin_lightning.data import manifest
 from moxin_lightning.data.prepare import prepare
-from moxin_lightning.tasks import SFT
 from tests.s3_server import s3_fixture  # noqa: F401  (the `s3` fixture)
-from tests.test_instruct_resume import TINY, Seen, tokenizer  # noqa: F401  (tokenizer: a fixture)
+from tests.test_instruct_resume import assert_resumes_exactly, tokenizer  # noqa: F401  (tokenizer: a fixture)
 
 
 def test_chat_data_streams_the_same_batches_from_s3_as_from_the_folder(s3, tokenizer, tmp_path, monkeypatch):  # noqa: F811
@@ -40,23 +37,6 @@ def test_a_run_resumed_over_s3_continues_where_it_stopped(s3, tokenizer, tmp_pat
     monkeypatch.setenv("MOXIN_CACHE", str(tmp_path / "cache"))
     url = s3.url("prepared/resume")
     prepare(["builtin-chat:arithmetic?count=24"], tokenizer, url, format="chat", max_length=256, val_fraction=0)
-    steps = 12 + 3  # 12 batches an epoch: into the second
-
-    def run(ckpt_path=None):
-        seen = Seen()
-        model = SFT(preset="moxin-tiny-9m", lr=1e-3, warmup_steps=1, model_overrides=TINY)
-        trainer = L.Trainer(
-            max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
-            callbacks=[seen, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)],
-        )  # fmt: skip
-        trainer.fit(model, datamodule=ChatData([url], batch_size=2, num_workers=1), ckpt_path=ckpt_path)
-        return seen.batches, model
-
-    uninterrupted, finished = run()
-    resumed, again = run(tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
-    assert len(uninterrupted) == steps and len(resumed) == steps - 3
-    assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[3:], strict=True))
-    assert not torch.equal(uninterrupted[0], uninterrupted[12])  # the second epoch is in a new order
-    for (name, weight), other in zip(finished.state_dict().items(), again.state_dict().values(), strict=True):
-        assert torch.equal(weight, other), name
+    data = lambda: ChatData([url], batch_size=2, num_workers=1)  # noqa: E731
+    assert len(data().train_dataloader()) == 12
+    assert_resumes_exactly(data, 12, tmp_path)

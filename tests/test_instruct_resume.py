@@ -40,13 +40,10 @@ class Seen(Callback):
         self.batches.append(batch["input_ids"].clone())
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_run_resumed_mid_epoch_continues_the_epoch_where_it_stopped(prepared, tmp_path, num_workers):
-    def data() -> ChatData:
-        return ChatData([prepared], batch_size=2, num_workers=num_workers)
-
-    per_epoch = len(data().train_dataloader())
-    assert per_epoch == 20
+def assert_resumes_exactly(make_data, per_epoch: int, tmp_path) -> None:
+    """Train `per_epoch + 3` steps on `make_data()`, then again from the step-3 checkpoint: the resumed run sees the
+    uninterrupted run's batches from step 3 on (the rest of epoch 0, then epoch 1, reshuffled) and ends with
+    bit-identical weights."""
     steps = per_epoch + 3  # into the second epoch
 
     def run(ckpt_path=None):
@@ -57,7 +54,7 @@ def test_a_run_resumed_mid_epoch_continues_the_epoch_where_it_stopped(prepared, 
             default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
             callbacks=[seen, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)],
         )  # fmt: skip
-        trainer.fit(model, datamodule=data(), ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=make_data(), ckpt_path=ckpt_path)
         return seen.batches, model
 
     uninterrupted, finished = run()
@@ -67,3 +64,13 @@ def test_a_run_resumed_mid_epoch_continues_the_epoch_where_it_stopped(prepared, 
     assert not torch.equal(uninterrupted[0], uninterrupted[per_epoch])  # the second epoch is in a new order
     for (name, weight), other in zip(finished.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(weight, other), name
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_run_resumed_mid_epoch_continues_the_epoch_where_it_stopped(prepared, tmp_path, num_workers):
+    def data() -> ChatData:
+        return ChatData([prepared], batch_size=2, num_workers=num_workers)
+
+    per_epoch = len(data().train_dataloader())
+    assert per_epoch == 20
+    assert_resumes_exactly(data, per_epoch, tmp_path)
