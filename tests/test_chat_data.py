@@ -807,45 +807,13 @@ trainer:
 
 
 def test_a_run_resumed_mid_epoch_continues_the_epoch_where_it_stopped(tokenizer, tmp_path):
-    """Checkpoint at step 3 of the first epoch, resume: the batches of the rest of that epoch and of the next are
-    those of the uninterrupted run, and so are the final weights."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    """Raw records (prepared on first use): checkpoint at step 3 of the first epoch, resume: the batches of the rest
+    of that epoch and of the next are those of the uninterrupted run, and so are the final weights."""
+    from tests.test_instruct_resume import assert_resumes_exactly
 
-    from moxin_lightning.tasks import SFT
+    def data() -> ChatData:
+        return chat_data(["builtin-chat:arithmetic?count=40"], tokenizer, max_length=256, batch_size=2)
 
-    class Seen(Callback):
-        def __init__(self):
-            self.batches = []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.batches.append(batch["input_ids"].clone())
-
-    per_epoch = len(
-        chat_data(["builtin-chat:arithmetic?count=40"], tokenizer, max_length=256, batch_size=2).train_dataloader()
-    )
+    per_epoch = len(data().train_dataloader())
     assert per_epoch >= 5
-    steps = per_epoch + 3  # into the second epoch
-
-    def run(ckpt_path=None):
-        seen = Seen()
-        model = SFT(
-            preset="moxin-tiny-9m", lr=1e-3, warmup_steps=1,
-            model_overrides=dict(vocab_size=512, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64),
-        )  # fmt: skip
-        trainer = L.Trainer(
-            max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
-            callbacks=[seen, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)],
-        )  # fmt: skip
-        data = chat_data(["builtin-chat:arithmetic?count=40"], tokenizer, max_length=256, batch_size=2)
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-        return seen.batches, model
-
-    uninterrupted, finished = run()
-    resumed, again = run(tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
-    assert len(uninterrupted) == steps and len(resumed) == steps - 3
-    assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[3:], strict=True))
-    assert not torch.equal(uninterrupted[0], uninterrupted[per_epoch])  # the second epoch is in a new order
-    for (name, weight), other in zip(finished.state_dict().items(), again.state_dict().values(), strict=True):
-        assert torch.equal(weight, other), name
+    assert_resumes_exactly(data, per_epoch, tmp_path)
