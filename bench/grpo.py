@@ -43,7 +43,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from datamodules.pretrain import FixedBatches
+from moxin_lightning.datamodules.pretrain import FixedBatches
 from moxin_lightning.generate import sample
 from moxin_lightning.model.config import PRESETS, ModelConfig
 from moxin_lightning.model.transformer import Transformer

@@ -317,9 +317,9 @@ def memory_mb() -> dict[str, float]:
 
 def child(spec: dict[str, Any]) -> None:
     """One setup measurement in this fresh process: everything imported and the tokenizer loaded first."""
-    import datamodules.chat  # noqa: F401  (import cost is not setup's)
     import moxin_lightning.data.chat_records  # noqa: F401
-    from datamodules.chat import ChatData
+    import moxin_lightning.datamodules.chat  # noqa: F401  (import cost is not setup's)
+    from moxin_lightning.datamodules.chat import ChatData
     from moxin_lightning.tokenizers.local import LocalTokenizer
 
     tokenizer = LocalTokenizer()
@@ -371,7 +371,7 @@ def measure_setup(spec: dict[str, Any]) -> dict[str, Any]:
 def loader_rate(folder: Path, tokenizer: Any, workers: int, args: argparse.Namespace, keep: int = 0) -> dict:
     """Tokens/s (rows x max_length) of `ChatData.train_dataloader()` over `args.batches` batches after the first
     (timed apart: it starts the readers); the first `keep` batches are returned for the step."""
-    from datamodules.chat import ChatData
+    from moxin_lightning.datamodules.chat import ChatData
 
     data = ChatData(
         [str(folder)], tokenizer=tokenizer, max_length=MAX_LENGTH, pack=True, batch_size=args.batch_size,

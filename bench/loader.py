@@ -1,7 +1,8 @@
 """Data loading headroom: `PretrainData` tokens/s against what a training step of the tiny CPU model consumes.
 
 What is measured, in one process on the same cores:
-  * loader: packed batches (batch x seq_len) drawn from a prepared dataset through `datamodules.PretrainData`
+  * loader: packed batches (batch x seq_len) drawn from a prepared dataset through
+    `moxin_lightning.datamodules.PretrainData`
     (litdata `StreamingDataLoader`, shuffled, `--workers` reader processes), tokens/s over `--batches` batches
     after the first (which pays the reader start-up);
   * step: one optimizer step of `--preset` on the same batch shape: forward, fused head + cross-entropy,
@@ -28,8 +29,8 @@ from pathlib import Path
 import common
 import torch
 
-from datamodules.pretrain import PretrainData
 from moxin_lightning.data.prepare import prepare
+from moxin_lightning.datamodules.pretrain import PretrainData
 from moxin_lightning.losses import linear_cross_entropy
 from moxin_lightning.model import ModelConfig, Transformer
 

@@ -1,7 +1,7 @@
 """Pretraining speed: tokens/s and MFU of the local config, against the matmul peak measured in the same run.
 
 MFU = model FLOPs per second / peak FLOPs, with the model FLOPs per token from `ModelConfig.flops_per_token`
-(what `callbacks.throughput.TrainingSpeed` logs during training). Cases:
+(what `moxin_lightning.callbacks.throughput.TrainingSpeed` logs during training). Cases:
 
   * local (always): the CPU training the local config runs: `Trainer.fit` of the `Pretrain` task on packed
     batches {input_ids, labels, doc_ids} (random tokens, documents of random length: batches are held in memory,
@@ -36,7 +36,7 @@ import common
 import lightning as L
 import torch
 
-from callbacks.throughput import TrainingSpeed
+from moxin_lightning.callbacks.throughput import TrainingSpeed
 from moxin_lightning.flops import measure_matmul_flops, peak_flops, precision_dtype
 from moxin_lightning.losses import IGNORE_INDEX, linear_cross_entropy
 from moxin_lightning.model import ModelConfig, Transformer

@@ -4,7 +4,7 @@ Usage in a phase's YAML:
 
     trainer:
       callbacks:
-        - class_path: callbacks.promotion.CheckpointPromotion
+        - class_path: moxin_lightning.callbacks.promotion.CheckpointPromotion
           init_args: {dirpath: releases/phase1, on_best_val: true}
 
 and in the next phase `init_from: releases/phase1`. The folder is a Hugging Face model folder plus the run's

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from datamodules.records import RecordData
 from moxin_lightning.data.chat_records import ChatFormat
 from moxin_lightning.data.prepare_records import DEFAULT_MAX_LENGTH
+from moxin_lightning.datamodules.records import RecordData
 from moxin_lightning.losses import IGNORE_INDEX
 from moxin_lightning.tokenizers import Tokenizer
 from moxin_lightning.tokenizers.chat import TULU, ChatTemplate

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
-from datamodules.packing import TokenPacker
 from moxin_lightning.data import manifest, remote  # remote: litdata's chunk downloads over http:// too
 from moxin_lightning.data.integrity import check_dataset, check_ids, verify_dataset
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
+from moxin_lightning.datamodules.packing import TokenPacker
 from moxin_lightning.first_use import build_once, cached_folder
 from moxin_lightning.tokenizers import Tokenizer, load_tokenizer
 

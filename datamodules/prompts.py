@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from datamodules.records import RecordData
 from moxin_lightning.data.prepare_records import DEFAULT_MAX_LENGTH
 from moxin_lightning.data.prompt_records import PromptFormat
+from moxin_lightning.datamodules.records import RecordData
 from moxin_lightning.tokenizers import Tokenizer
 from moxin_lightning.tokenizers.chat import TULU, ChatTemplate
 

@@ -19,7 +19,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.promotion import CheckpointPromotion
+from moxin_lightning.callbacks.promotion import CheckpointPromotion
 from moxin_lightning.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from moxin_lightning.config_checks import check_batch_sizes, check_config_files
 from moxin_lightning.errors import USER_ERRORS, exit_with

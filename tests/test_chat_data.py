@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.chat import ChatCollator, ChatData, pack_rows
 from moxin_lightning.data import read_manifest
 from moxin_lightning.data.builtin_chat import (
     arithmetic_problem,
@@ -29,6 +28,7 @@ from moxin_lightning.data.chat_records import BAD_MESSAGES, MISSING_MESSAGES, NO
 from moxin_lightning.data.prepare import prepare
 from moxin_lightning.data.records import encode_conversations, template_fingerprint
 from moxin_lightning.data.sources import BAD_JSON, DataError
+from moxin_lightning.datamodules.chat import ChatCollator, ChatData, pack_rows
 from moxin_lightning.losses import IGNORE_INDEX
 from moxin_lightning.tokenizers import SentencePieceTokenizer, train_tokenizer
 from moxin_lightning.tokenizers.chat import TuluTemplate
@@ -776,7 +776,7 @@ model:
     preset: moxin-tiny-9m
     model_overrides: {{vocab_size: 512, dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, head_dim: 16, ffn_dim: 64}}
 data:
-  class_path: datamodules.ChatData
+  class_path: moxin_lightning.datamodules.ChatData
   init_args:
     train: [{prepared_chat}]
     max_length: 128

@@ -83,7 +83,7 @@ def test_phase1_is_moxin_7b_at_2k_on_the_mixture_with_fsdp2_in_bf16():
     assert model["init_args"]["schedule"] == "cosine"
     assert model["init_args"]["min_lr_ratio"] == 0.1
     assert model["init_args"]["activation_checkpointing"] is True
-    assert config["data"]["class_path"] == "datamodules.PretrainData"
+    assert config["data"]["class_path"] == "moxin_lightning.datamodules.PretrainData"
     assert data["datasets"] == MIXTURE
     assert math.isclose(sum(data["weights"]), 1.0)
     assert data["seq_len"] == 2048
@@ -95,7 +95,7 @@ def test_phase1_is_moxin_7b_at_2k_on_the_mixture_with_fsdp2_in_bf16():
     # `${trainer.default_root_dir}` resolved in every place that names it
     assert trainer["default_root_dir"] == "runs/phase1"
     assert callback(config, "lightning.pytorch.callbacks.ModelCheckpoint")["dirpath"] == "runs/phase1/checkpoints"
-    assert callback(config, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase1/release"
+    assert callback(config, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/phase1/release"
     assert trainer["logger"]["class_path"] == "moxin_lightning.loggers.WandbLogger"
     assert trainer["logger"]["init_args"]["save_dir"] == "runs/phase1"
 
@@ -104,14 +104,14 @@ def test_phase2_continues_phase1_at_4k_with_the_same_tokens_per_step():
     phase1 = printed_config(*configs(PHASES["phase1"]))
     phase2 = printed_config(*configs(PHASES["phase2"]))
     assert phase2["model"]["init_args"]["init_from"] == "runs/phase1/release"
-    assert callback(phase1, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase1/release"
+    assert callback(phase1, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/phase1/release"
     assert phase2["data"]["init_args"]["seq_len"] == 4096
     assert phase2["data"]["init_args"]["datasets"] == MIXTURE
     assert tokens_per_step(phase2) == tokens_per_step(phase1)
     for key in ("preset", "betas", "weight_decay", "min_lr_ratio", "schedule"):
         assert phase2["model"]["init_args"][key] == phase1["model"]["init_args"][key], key
     assert phase2["trainer"]["gradient_clip_val"] == 1.0
-    assert callback(phase2, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase2/release"
+    assert callback(phase2, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/phase2/release"
 
 
 def test_phase3_is_the_capability_mix_from_phase2s_release():
@@ -124,7 +124,7 @@ def test_phase3_is_the_capability_mix_from_phase2s_release():
     assert math.isclose(sum(data["weights"]), 1.0)
     assert data["seq_len"] == 4096
     assert tokens_per_step(phase3) == tokens_per_step(phase1)
-    assert callback(phase3, "callbacks.CheckpointPromotion")["dirpath"] == "runs/phase3/release"
+    assert callback(phase3, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/phase3/release"
 
 
 @pytest.mark.parametrize("phase", sorted(PHASES))
@@ -163,7 +163,7 @@ def test_the_local_overlay_makes_any_phase_a_cpu_run_on_the_builtin_corpus(phase
     root = alone["trainer"]["default_root_dir"]
     assert trainer["default_root_dir"] == root == f"runs/{phase}"
     assert callback(config, "lightning.pytorch.callbacks.ModelCheckpoint")["dirpath"] == f"{root}/checkpoints"
-    assert callback(config, "callbacks.CheckpointPromotion")["dirpath"] == f"{root}/release"
+    assert callback(config, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == f"{root}/release"
     assert trainer["logger"]["init_args"]["save_dir"] == root
     # the overlay's schedule fits its run: validation and checkpoints land on max_steps
     assert trainer["max_steps"] % trainer["val_check_interval"] == 0
@@ -192,7 +192,7 @@ def test_configs_merge_key_by_key_a_later_file_or_flag_wins_and_interpolation_fo
     # phase1.yaml's `${trainer.default_root_dir}` takes the value that mine.yaml set later
     assert trainer["default_root_dir"] == "runs/mine"
     assert callback(config, "lightning.pytorch.callbacks.ModelCheckpoint")["dirpath"] == "runs/mine/checkpoints"
-    assert callback(config, "callbacks.CheckpointPromotion")["dirpath"] == "runs/mine/release"
+    assert callback(config, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/mine/release"
     assert trainer["logger"]["init_args"]["save_dir"] == "runs/mine"
 
     swapped = printed_config(*configs(PHASES["phase1"], mine, LOCAL))
@@ -200,7 +200,7 @@ def test_configs_merge_key_by_key_a_later_file_or_flag_wins_and_interpolation_fo
     assert swapped["trainer"]["max_steps"] == 300
 
     flagged = printed_config(*configs(PHASES["phase1"]), "--trainer.default_root_dir=elsewhere")
-    assert callback(flagged, "callbacks.CheckpointPromotion")["dirpath"] == "elsewhere/release"
+    assert callback(flagged, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "elsewhere/release"
 
 
 def test_a_flag_adds_one_model_override_to_those_of_the_files():
@@ -297,7 +297,7 @@ def test_an_unknown_command_is_refused(capsys):
 
 TINY_RUN = """
 {model}data:
-  class_path: datamodules.PretrainData
+  class_path: moxin_lightning.datamodules.PretrainData
   init_args:
     datasets: [{data}]
     seq_len: 32
@@ -318,7 +318,7 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: "${{trainer.default_root_dir}}/checkpoints", save_last: true}}
-    - class_path: callbacks.CheckpointPromotion
+    - class_path: moxin_lightning.callbacks.CheckpointPromotion
       init_args: {{dirpath: "${{trainer.default_root_dir}}/release", include_code: false}}
 """
 
@@ -353,7 +353,7 @@ def test_fit_ships_its_config_and_validate_and_test_reproduce_its_loss(tmp_path)
     assert shipped == printed_config(*arguments)
     assert shipped["model"]["init_args"]["model_overrides"]["dim"] == 64
     assert (shipped["trainer"]["max_steps"], shipped["data"]["init_args"]["val_batches"]) == (6, 2)
-    assert callback(shipped, "callbacks.CheckpointPromotion")["dirpath"] == f"{root}/release"
+    assert callback(shipped, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == f"{root}/release"
     curves = json.loads((root / "release" / "loss_curves.json").read_text())
     assert [step for step, _ in curves["val"]] == [3, 6]
     assert [loss for _, loss in curves["val"]] == pytest.approx(val_loss, rel=1e-6)

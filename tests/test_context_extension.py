@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.context_extension import ContextExtension
-from datamodules.pretrain import PretrainData
+from moxin_lightning.callbacks.context_extension import ContextExtension
+from moxin_lightning.datamodules.pretrain import PretrainData
 from moxin_lightning.model import ModelConfig, Transformer
 from tests.prepared_data import stream_of, write_dataset
 
@@ -189,7 +189,7 @@ def test_the_schedule_is_written_in_yaml_under_trainer_callbacks(tmp_path):
     config = tmp_path / "trainer.yaml"
     config.write_text(
         "callbacks:\n"
-        "  - class_path: callbacks.context_extension.ContextExtension\n"
+        "  - class_path: moxin_lightning.callbacks.context_extension.ContextExtension\n"
         "    init_args:\n"
         "      schedule: {0: 2048, 1000: {seq_len: 4096, rope_theta: 500000.0}}\n"
     )

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.preference import PadPairs, PreferenceData
-from datamodules.records import Positions
 from moxin_lightning.data.prepare import prepare
+from moxin_lightning.datamodules.preference import PadPairs, PreferenceData
+from moxin_lightning.datamodules.records import Positions
 from moxin_lightning.tasks import DPO
 from tests.test_dpo_task import TINY, dpo, fit
 from tests.test_preference_data import EOS, ByteTokenizer, MiniTemplate, pairs, write_jsonl

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from datamodules.pretrain import FixedBatches
+from moxin_lightning.datamodules.pretrain import FixedBatches
 from moxin_lightning.rewards import Reward
 from moxin_lightning.tasks.grpo import GRPO
 

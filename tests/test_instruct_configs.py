@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from datamodules.chat import ChatData
-from datamodules.preference import PreferenceData
+from moxin_lightning.datamodules.chat import ChatData
+from moxin_lightning.datamodules.preference import PreferenceData
 from moxin_lightning.hf import import_hf
 from moxin_lightning.model.transformer import same_weights
 from moxin_lightning.tasks.dpo import DPO
@@ -43,7 +43,7 @@ from tests.test_cli import (  # noqa: F401  (command_line: the autouse fixture t
 SFT, SFT_LOCAL = ROOT / "conf" / "sft.yaml", ROOT / "conf" / "sft-local.yaml"
 DPO_CONF, DPO_LOCAL = ROOT / "conf" / "dpo.yaml", ROOT / "conf" / "dpo-local.yaml"
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
-PROMOTION = "callbacks.CheckpointPromotion"
+PROMOTION = "moxin_lightning.callbacks.CheckpointPromotion"
 LOCAL_OVERRIDES = {"attention": "sdpa", "vocab_size": 4096, "sliding_window": 512}
 
 
@@ -77,7 +77,7 @@ def test_sft_is_moxin_instructs_tulu3_sft_from_the_base_model():
     assert model["loss_reduction"] == "sum"
     assert (model["lr"], model["schedule"], model["warmup_ratio"]) == (5e-6, "linear", 0.03)
     assert (model["min_lr_ratio"], model["weight_decay"]) == (0.0, 0.0)
-    assert config["data"]["class_path"] == "datamodules.ChatData"
+    assert config["data"]["class_path"] == "moxin_lightning.datamodules.ChatData"
     assert data["template"]["class_path"] == "moxin_lightning.tokenizers.TuluTemplate"
     assert data["max_length"] == 4096
     assert (data["train"], data["pack"]) == (["data/tulu-3-sft-mixture"], False)  # a prepared folder, unpacked
@@ -106,7 +106,7 @@ def test_dpo_is_moxin_instructs_length_normalised_dpo_from_the_sft_release():
     assert (model["lr"], model["schedule"], model["warmup_ratio"]) == (5e-7, "linear", 0.1)
     assert (model["min_lr_ratio"], model["weight_decay"]) == (0.0, 0.0)
     assert model["activation_checkpointing"] is True
-    assert config["data"]["class_path"] == "datamodules.PreferenceData"
+    assert config["data"]["class_path"] == "moxin_lightning.datamodules.PreferenceData"
     assert data["template"]["class_path"] == "moxin_lightning.tokenizers.TuluTemplate"
     assert data["max_length"] == 2048
     assert data["tokenizer"]["init_args"]["path"] == "runs/sft/release/tokenizer.model"

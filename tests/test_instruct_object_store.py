@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from datamodules import ChatData
 from moxin_lightning.data import manifest
 from moxin_lightning.data.prepare import prepare
+from moxin_lightning.datamodules import ChatData
 from tests.s3_server import s3_fixture  # noqa: F401  (the `s3` fixture)
 from tests.test_instruct_resume import assert_resumes_exactly, tokenizer  # noqa: F401  (tokenizer: a fixture)
 

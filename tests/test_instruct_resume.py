@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from datamodules import ChatData
 from moxin_lightning.data.builtin_chat import pydoc_sections
 from moxin_lightning.data.prepare import prepare
+from moxin_lightning.datamodules import ChatData
 from moxin_lightning.tasks import SFT
 from moxin_lightning.tokenizers import SentencePieceTokenizer, train_tokenizer
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from datamodules.chat import ChatData
-from datamodules.preference import PreferenceData
-from datamodules.prompts import PromptData
 from moxin_lightning.data import read_manifest
+from moxin_lightning.datamodules.chat import ChatData
+from moxin_lightning.datamodules.preference import PreferenceData
+from moxin_lightning.datamodules.prompts import PromptData
 from moxin_lightning.tokenizers import SentencePieceTokenizer
 from moxin_lightning.tokenizers.chat import TULU
 from tests.prepared_data import fresh_environment

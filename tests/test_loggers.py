@@ -9,7 +9,7 @@ import pytest
 import wandb
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.throughput import TrainingSpeed
+from moxin_lightning.callbacks.throughput import TrainingSpeed
 from moxin_lightning.loggers import WandbLogger, api_key_configured, choose_mode
 from tests.test_throughput import BATCH, PEAK, SEQ, SpeedProbe, loader, logged_rows, make_trainer
 

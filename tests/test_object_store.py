@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.pretrain import PretrainData
 from moxin_lightning.data import is_validation, manifest
 from moxin_lightning.data.prepare import prepare
 from moxin_lightning.data.remote import check_remote_output, remote_holds_dataset, upload_folder
+from moxin_lightning.datamodules.pretrain import PretrainData
 from tests.prepared_data import stream_of, write_dataset, write_records
 from tests.s3_server import BUCKET, s3_fixture, serve_s3  # noqa: F401  (s3_fixture: the `s3` fixture)
 from tests.test_pretrain_data import fit, module, take

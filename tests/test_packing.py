@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.packing import IGNORE_INDEX, TokenPacker
+from moxin_lightning.datamodules.packing import IGNORE_INDEX, TokenPacker
 
 
 def documents(lengths, start=10):

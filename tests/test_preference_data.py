@@ -18,8 +18,6 @@ import pytest
 import torch
 from litdata.utilities.env import _DistributedEnv
 
-from datamodules.preference import PreferenceData, pair_sequences
-from datamodules.records import IndexedDataset, Positions
 from moxin_lightning.data import read_manifest
 from moxin_lightning.data.builtin_chat import arithmetic_problem, wrong_solution
 from moxin_lightning.data.preference_records import (
@@ -32,6 +30,8 @@ from moxin_lightning.data.preference_records import (
 )
 from moxin_lightning.data.prepare import prepare
 from moxin_lightning.data.sources import BAD_JSON, NOT_AN_OBJECT
+from moxin_lightning.datamodules.preference import PreferenceData, pair_sequences
+from moxin_lightning.datamodules.records import IndexedDataset, Positions
 from moxin_lightning.tokenizers.chat import TULU
 
 BOS, EOS, PAD = 1, 2, -1  # no pad piece: padding falls back to EOS

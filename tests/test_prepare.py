@@ -183,7 +183,7 @@ def test_tokens_layout_reads_back_with_tokens_loader_and_is_the_same_data(tmp_pa
 
 
 def test_pretrain_data_reads_a_prepared_dataset(tmp_path, tokenizer):
-    from datamodules.pretrain import PretrainData
+    from moxin_lightning.datamodules.pretrain import PretrainData
 
     texts = [f"{text} ({i})" for i, text in enumerate(DOCUMENTS * 6)]
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.pretrain import PretrainData
+from moxin_lightning.datamodules.pretrain import PretrainData
 from tests.prepared_data import stream_of, write_dataset
 
 

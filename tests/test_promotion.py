@@ -25,8 +25,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import moxin_lightning
-from callbacks.promotion import CheckpointPromotion
 from moxin_lightning import release as release_module
+from moxin_lightning.callbacks.promotion import CheckpointPromotion
 from moxin_lightning.hf import import_hf
 from moxin_lightning.model import ModelConfig, Transformer
 from moxin_lightning.release import (

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.prompts import PromptData, collate_prompts
 from moxin_lightning.data import read_manifest
 from moxin_lightning.data.builtin_chat import (
     ANSWER_INSTRUCTION,
@@ -33,6 +32,7 @@ from moxin_lightning.data.prompt_records import (
 )
 from moxin_lightning.data.records import template_fingerprint
 from moxin_lightning.data.sources import BAD_JSON, DataError
+from moxin_lightning.datamodules.prompts import PromptData, collate_prompts
 from moxin_lightning.tokenizers import SentencePieceTokenizer, train_tokenizer
 from moxin_lightning.tokenizers.chat import TuluTemplate
 from tests.prepared_data import write_records
@@ -362,7 +362,7 @@ def test_grpo_configs_carry_moxin_reasoning_settings_and_the_local_overlay_resol
     assert model["init_from"] == "runs/dpo/release" and model["epochs_per_batch"] == 1
     assert [r["class_path"] for r in model["rewards"]] == ["moxin_lightning.rewards.MathAnswer"]
     assert model["reward_weights"] == [1.0] and model["max_grad_norm"] == 1.0 and trainer["gradient_clip_val"] is None
-    assert full["data"]["class_path"] == "datamodules.PromptData"
+    assert full["data"]["class_path"] == "moxin_lightning.datamodules.PromptData"
 
     local = printed_config(*configs(GRPO, GRPO_LOCAL))
     model, data, trainer = local["model"]["init_args"], local["data"]["init_args"], local["trainer"]

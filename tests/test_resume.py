@@ -71,7 +71,7 @@ def run_config(folder: Path, data: Path, callbacks: list[dict], **trainer) -> Pa
             "init_args": {"preset": "moxin-tiny-9m", "model_overrides": TINY, "lr": 1e-3, "warmup_steps": 2},
         },
         "data": {
-            "class_path": "datamodules.pretrain.PretrainData",
+            "class_path": "moxin_lightning.datamodules.pretrain.PretrainData",
             "init_args": {
                 "datasets": [str(data)],
                 "seq_len": 32,

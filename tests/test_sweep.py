@@ -397,7 +397,7 @@ def test_a_dry_run_prints_the_commands_and_writes_nothing(program, capsys):
 
 TINY_FIT = """
 {model}data:
-  class_path: datamodules.PretrainData
+  class_path: moxin_lightning.datamodules.PretrainData
   init_args: {{datasets: [{data}], seq_len: 32, batch_size: 2, val_batches: 2}}
 trainer:
   accelerator: cpu
@@ -408,7 +408,7 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   callbacks:
-    - class_path: callbacks.CheckpointPromotion
+    - class_path: moxin_lightning.callbacks.CheckpointPromotion
       init_args: {{dirpath: "${{trainer.default_root_dir}}/release", include_code: false}}
 """
 
@@ -446,7 +446,7 @@ def test_the_metrics_file_gets_one_line_per_validation_and_one_at_fit_end_from_r
 
     import torch
 
-    from callbacks import MetricsFile
+    from moxin_lightning.callbacks import MetricsFile
 
     file = tmp_path / "m" / "metrics.jsonl"
     callback = MetricsFile(file)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.progress import StepProgressBar
-from callbacks.throughput import TrainingSpeed
 from moxin_lightning import flops
+from moxin_lightning.callbacks.progress import StepProgressBar
+from moxin_lightning.callbacks.throughput import TrainingSpeed
 from moxin_lightning.losses import linear_cross_entropy
 from moxin_lightning.model import ModelConfig, Transformer
 

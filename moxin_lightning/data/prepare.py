@@ -108,7 +108,7 @@ def prepare(
     written by `MoETokenizer.save`.
     `num_workers` defaults to the CPUs this process may use (0 means 1). `seed` salts the val split's hash.
     `layout` is "documents" (one document per litdata item, read by `StreamingDataset(dir)` and by
-    `datamodules.PretrainData`) or "tokens" (`TokensLoader`); see `shards.py`. Raises
+    `moxin_lightning.datamodules.PretrainData`) or "tokens" (`TokensLoader`); see `shards.py`. Raises
     DataError (bad inputs), FileExistsError (OUTPUT holds a dataset and `overwrite` is False, or holds other
     files) or PrepareError (a worker failed), each with a one-line message, before OUTPUT is touched.
 

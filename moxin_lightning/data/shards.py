@@ -3,7 +3,8 @@
 Every litdata item is one document (an int32 array: BOS + ids + EOS), in one of two layouts that litdata's
 readers do not share:
   * "documents" (default): litdata's default item loader. `StreamingDataset(dir)` yields one document per
-    item, which `datamodules.PretrainData` needs (it packs documents itself and tracks their boundaries);
+    item, which `moxin_lightning.datamodules.PretrainData` needs (it packs documents itself and tracks their
+    boundaries);
   * "tokens": `item_loader=TokensLoader()`. `StreamingDataset(dir, item_loader=TokensLoader(block_size=n))`
     cuts the concatenated stream into blocks of n tokens; blocks never cross a chunk boundary, so up to n - 1
     tokens at the end of each chunk are not read. The default reader refuses this layout, and TokensLoader

@@ -18,25 +18,31 @@ from typing import Any
 
 import moxin_lightning
 
-CODE_PACKAGES = ("moxin_lightning", "callbacks", "datamodules")
+# Import name -> folder in the checkout (pyproject.toml maps the two top-level folders into the namespace).
+CODE_PACKAGES = {
+    "moxin_lightning": "moxin_lightning",
+    "moxin_lightning.callbacks": "callbacks",
+    "moxin_lightning.datamodules": "datamodules",
+}
 
 
 def copy_code(destination: Path) -> list[str]:
     """Copy the Python source of this project's packages (and its pyproject.toml and conf/ when run from a
-    checkout) to `destination`; returns the packages copied. Only packages installed beside moxin_lightning
-    count, so an unrelated package that happens to be called `callbacks` is never copied."""
+    checkout) to `destination`, laid out as in the checkout (callbacks/ and datamodules/ beside moxin_lightning/),
+    so that `pip install -e` in `destination` reruns it; returns the packages copied."""
     root = _project_root()
     copied = []
-    for name in CODE_PACKAGES:
+    for name, folder in CODE_PACKAGES.items():
         spec = importlib.util.find_spec(name)
         locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        if not locations or Path(locations[0]).resolve().parent != root:
+        if not locations:
             continue
         source = Path(locations[0])
         for file in sorted(source.rglob("*.py")):
-            if "__pycache__" in file.parts:
+            if "__pycache__" in file.parts or (name == "moxin_lightning" and file.parent != source and (
+                    file.relative_to(source).parts[0] in ("callbacks", "datamodules"))):  # fmt: skip
                 continue
-            target = destination / name / file.relative_to(source)
+            target = destination / folder / file.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
         copied.append(name)

@@ -23,7 +23,7 @@ from moxin_lightning.tasks.base import TrainingTask
 
 
 class DPO(TrainingTask):
-    """Preference optimisation on `datamodules.PreferenceData` batches.
+    """Preference optimisation on `moxin_lightning.datamodules.PreferenceData` batches.
 
     Args:
         beta: strength of the implicit KL constraint (Moxin-Instruct: 5 with `dpo_norm`).
@@ -67,7 +67,7 @@ class DPO(TrainingTask):
         if not hasattr(data, "ordered_dataloader"):  # the cache reads pairs before the first batch check
             raise ValueError(
                 f"DPO with reference: cache needs preference pairs ({', '.join(self.batch_keys)}); "
-                f"{type(data).__name__} gives none: pair the task with datamodules.PreferenceData"
+                f"{type(data).__name__} gives none: pair the task with moxin_lightning.datamodules.PreferenceData"
             )
         splits = ["train"] + (["val"] if len(data.val_dataloader()) else [])
         self._cached = {split: self._cached_reference(data, split) for split in splits}

@@ -37,7 +37,7 @@ class Rollouts:
 
 
 class GRPO(TrainingTask):
-    """GRPO on `datamodules.PromptData` batches {prompt_ids, prompt_text, answer, prompt_index}.
+    """GRPO on `moxin_lightning.datamodules.PromptData` batches {prompt_ids, prompt_text, answer, prompt_index}.
 
     Args:
         rewards: reward functions (`moxin_lightning.rewards`, or any `Reward` by class_path).

@@ -1,6 +1,6 @@
 """Read the starting weights of a run (`init_from`): a Lightning checkpoint, a Hugging Face folder or a release.
 
-A release folder (written by `callbacks.CheckpointPromotion`) is a Hugging Face folder with more files
+A release folder (written by `moxin_lightning.callbacks.CheckpointPromotion`) is a Hugging Face folder with more files
 beside the weights, so both go through `moxin_lightning.hf`. A Lightning checkpoint is a `.ckpt` file, or
 the folder a sharded (FSDP2) run saves, read with `torch.distributed.checkpoint` into the full state.
 Everything is loaded tensors-only (`weights_only=True`, safetensors).

@@ -11,7 +11,7 @@ from moxin_lightning.tasks.base import TrainingTask
 
 
 class SFT(TrainingTask):
-    """Next-token loss on assistant tokens only (`datamodules.ChatData` labels nothing else).
+    """Next-token loss on assistant tokens only (`moxin_lightning.datamodules.ChatData` labels nothing else).
 
     Args:
         loss_reduction: `sum` (Tülu 3's and Moxin's setting): every assistant token weighs the same, the step's loss

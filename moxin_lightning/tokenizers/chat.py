@@ -1,7 +1,7 @@
 """Chat templates: a conversation (`messages`) -> token ids, and which of them the model is trained to produce.
 
-A template is a swappable component of the chat data (`datamodules.ChatData`) and of generation: whatever lays
-out the turns, training and inference must encode a prompt identically, so both go through `encode`.
+A template is a swappable component of the chat data (`moxin_lightning.datamodules.ChatData`) and of generation:
+whatever lays out the turns, training and inference must encode a prompt identically, so both go through `encode`.
 
 Templates encode text *pieces* separately (`tokenizer.encode(piece, bos=False, eos=False)`) and insert special
 ids (BOS, EOS) as ids, never as text. A piece is a maximal run of the conversation's text that is either all

@@ -77,7 +77,7 @@ def error_line(stderr: str) -> str:
 
 TINY_FIT = """
 {model}data:
-  class_path: datamodules.PretrainData
+  class_path: moxin_lightning.datamodules.PretrainData
   init_args:
     datasets: [{data}]
     seq_len: 32
@@ -212,7 +212,7 @@ def test_verify_rehashes_each_split_and_names_a_changed_chunk(tmp_path, prepared
 
 
 def test_pretrain_data_verify_setting_refuses_a_changed_chunk(prepared):
-    from datamodules.pretrain import PretrainData
+    from moxin_lightning.datamodules.pretrain import PretrainData
 
     PretrainData([str(prepared)], verify=True, seq_len=16, batch_size=2).setup("fit")  # intact: passes
     chunk = prepared / "val" / "chunk-0-0.bin"
@@ -225,7 +225,7 @@ def test_pretrain_data_verify_setting_refuses_a_changed_chunk(prepared):
 
 
 def test_instruction_collate_refuses_ids_beyond_the_vocabulary():
-    from datamodules.records import IdsChecked
+    from moxin_lightning.datamodules.records import IdsChecked
 
     collate = IdsChecked(lambda items: items, 300, "data/sft", "train")
     good = {"ids": np.array([1, 5, 2], dtype=np.int32), "trained": np.array([0, 1, 1], dtype=np.uint8), "index": 3}

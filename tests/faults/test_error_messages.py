@@ -38,7 +38,7 @@ def tiny_fit(tmp_path) -> Path:
     config.write_text(
         TINY_PRETRAIN_MODEL
         + f"""data:
-  class_path: datamodules.PretrainData
+  class_path: moxin_lightning.datamodules.PretrainData
   init_args: {{datasets: [{data}], seq_len: 32, batch_size: 2, val_batches: 1}}
 trainer:
   default_root_dir: {tmp_path / "run"}
@@ -54,8 +54,8 @@ trainer:
 
 def test_a_batch_size_below_1_names_the_key_and_the_datamodule(tmp_path, tiny_fit):
     assert run(tmp_path, "fit", "--config", str(tiny_fit), "--data.init_args.batch_size=0") == (
-        "error: data.init_args.batch_size=0 must be >= 1 (datamodules.PretrainData); it counts rows (or records) "
-        "per batch per device"
+        "error: data.init_args.batch_size=0 must be >= 1 (moxin_lightning.datamodules.PretrainData); it counts rows "
+        "(or records) per batch per device"
     )
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from callbacks import LossSpikes
+from moxin_lightning.callbacks import LossSpikes
 from moxin_lightning.tasks import Pretrain
 from moxin_lightning.tasks.base import NonFiniteTraining
 from tests.prepared_data import fresh_environment, write_dataset
@@ -163,7 +163,7 @@ model:
     warmup_steps: 0
     max_skipped_steps: 4
 data:
-  class_path: datamodules.PretrainData
+  class_path: moxin_lightning.datamodules.PretrainData
   init_args: {{datasets: [{data}], seq_len: 32, batch_size: 2, val_batches: 1}}
 trainer:
   default_root_dir: {tmp_path / "run"}

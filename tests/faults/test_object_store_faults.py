@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules import ChatData, PretrainData
 from moxin_lightning.data.integrity import DataIntegrityError
 from moxin_lightning.data.prepare import prepare
 from moxin_lightning.data.remote import upload_folder
+from moxin_lightning.datamodules import ChatData, PretrainData
 from tests.prepared_data import write_dataset
 from tests.s3_server import s3_fixture  # noqa: F401  (the `s3` fixture)
 from tests.test_instruct_resume import tokenizer  # noqa: F401  (a fixture)

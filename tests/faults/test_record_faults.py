@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from datamodules import ChatData, PreferenceData
 from moxin_lightning.data import read_manifest
 from moxin_lightning.data.chat_records import ENDS_WITH_USER, OPENS_WITH_ASSISTANT
 from moxin_lightning.data.preference_records import SAME_RESPONSES
+from moxin_lightning.datamodules import ChatData, PreferenceData
 from tests.prepared_data import fresh_environment
 from tests.test_instruction_shapes import tokenizer  # noqa: F401  (a fixture)
 
