@@ -25,6 +25,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from moxin_lightning.data import manifest, remote  # remote: litdata's chunk downloads over http:// too
+from moxin_lightning.data.builtin import cache_key
 from moxin_lightning.data.integrity import check_dataset, check_ids, verify_dataset
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
 from moxin_lightning.datamodules.packing import TokenPacker
@@ -148,7 +149,8 @@ class PretrainData(L.LightningDataModule):
     def _cache_folder(self, spec: str) -> str:
         if self._tokenizer is None:
             raise ValueError(f"dataset {spec} is prepared on first use and needs a `tokenizer`; set data.tokenizer")
-        return str(cached_folder("data", f"{spec}-val{BUILTIN_VAL_FRACTION}-{self._tokenizer.fingerprint[:16]}"))
+        key = f"{cache_key(spec)}-val{BUILTIN_VAL_FRACTION}-{self._tokenizer.fingerprint[:16]}"
+        return str(cached_folder("data", key))
 
     def prepare_data(self) -> None:
         """Prepare the built-in corpora not prepared yet (Lightning calls this on one process per node)."""

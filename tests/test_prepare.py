@@ -16,8 +16,11 @@ import json
 import lzma
 import multiprocessing
 import os
+import platform
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,14 @@ import pytest
 import sentencepiece as spm
 
 from moxin_lightning.data import DataError, PrepareError, is_validation, read_manifest
-from moxin_lightning.data.builtin import PART_BYTES, code_files, expand_builtin, iter_documents, module_docstrings
+from moxin_lightning.data.builtin import (
+    PART_BYTES,
+    code_files,
+    corpus_fingerprint,
+    expand_builtin,
+    iter_documents,
+    module_docstrings,
+)
 from moxin_lightning.data.prepare import prepare, register
 from moxin_lightning.data.shards import read_tokens
 from moxin_lightning.tokenizers import SentencePieceTokenizer, load_tokenizer
@@ -399,7 +409,7 @@ def test_builtin_corpora_are_deterministic_and_split_into_code_and_prose():
     assert {r.text for r in code_docs}.isdisjoint(r.text for r in prose_docs)
 
 
-def test_builtin_prose_holds_descriptions_and_docstrings_not_code():
+def test_builtin_prose_holds_docstrings_not_code():
     stdlib = Path(ast.__file__).parent
     record = module_docstrings("docstrings:json/decoder.py", stdlib / "json" / "decoder.py")
     assert record.text.startswith("module json.decoder\n\nImplementation of JSONDecoder")
@@ -408,8 +418,9 @@ def test_builtin_prose_holds_descriptions_and_docstrings_not_code():
     assert "def " not in record.text and "import re" not in record.text
     empty = module_docstrings("docstrings:x.py", stdlib / "__phello__" / "spam.py")
     assert (empty.text, empty.skip) == (None, "no docstrings")
-    described = [r for r in iter_documents("builtin:prose?max_documents=400") if r.where.startswith("dist:numpy")]
-    assert described and described[0].text.startswith("numpy: Fundamental package for array computing")
+    wheres = [r.where for r in iter_documents("builtin:prose?max_documents=400")]
+    topics = [where for where in wheres if where.startswith("pydoc:topics/")]
+    assert wheres[: len(topics)] == topics and all(where.startswith("docstrings:") for where in wheres[len(topics) :])
 
 
 def test_builtin_caps_cut_a_prefix():
@@ -462,6 +473,8 @@ def test_spawned_workers_write_the_same_dataset_as_forked_ones(tmp_path, tokeniz
     forked = run([spec], tokenizer, tmp_path / "fork", num_workers=2, val_fraction=0.1)
     spawned = run([spec], tokenizer, tmp_path / "spawn", num_workers=2, val_fraction=0.1, start_method="spawn")
     assert spawned["fingerprint"] == forked["fingerprint"]
+    (source,) = forked["sources"]
+    assert source["sha256"] == corpus_fingerprint(spec)["sha256"] and source["python"] == platform.python_version()
     assert streamed(tmp_path / "spawn" / "val") == streamed(tmp_path / "fork" / "val")
 
 
@@ -471,3 +484,39 @@ def test_builtin_local_is_the_code_and_the_prose_corpus():
     local = expand_input("builtin:local?max_documents=3")
     code, prose = expand_input("builtin:code?max_documents=3"), expand_input("builtin:prose?max_documents=3")
     assert [part.path for part in local] == [part.path for part in code + prose]
+
+
+def test_the_manifest_names_a_builtin_corpus_by_its_fingerprint(tmp_path, tokenizer):
+    spec = "builtin:code?max_documents=12"
+    manifest = run([spec], tokenizer, tmp_path / "out", num_workers=1, val_fraction=0)
+    (source,) = manifest["sources"]
+    fingerprint = corpus_fingerprint(spec)
+    assert (source["sha256"], source["documents"], source["python"]) == (
+        fingerprint["sha256"], fingerprint["documents"], fingerprint["python"],
+    )  # fmt: skip
+
+
+def test_the_builtin_corpus_does_not_depend_on_installed_packages(tmp_path):
+    """Another environment with one more package (its source and its metadata on the path) reads the same
+    corpus: the fingerprint of `builtin:local` is the same, and the extra package is visible to that process."""
+    extra = tmp_path / "site"
+    (extra / "extra_pkg").mkdir(parents=True)
+    (extra / "extra_pkg" / "__init__.py").write_text('"""A package only this environment has."""\nVALUE = 1\n')
+    (extra / "extra_pkg-1.0.dist-info").mkdir()
+    (extra / "extra_pkg-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: aaa-extra-pkg\nVersion: 1.0\nSummary: A package only this environment has\n"
+    )
+    probe = (
+        "import importlib.metadata, json, site, sys; site.addsitedir(sys.argv[1]) if sys.argv[1] else None;"
+        "from moxin_lightning.data.builtin import corpus_fingerprint;"
+        "print(json.dumps([corpus_fingerprint('builtin:local?max_documents=200'),"
+        " any(d.metadata['Name'] == 'aaa-extra-pkg' for d in importlib.metadata.distributions())]))"
+    )
+
+    def fingerprint(site_dir: str) -> list:
+        done = subprocess.run([sys.executable, "-c", probe, site_dir], capture_output=True, text=True, check=True)
+        return json.loads(done.stdout)
+
+    (plain, plain_sees), (extended, extended_sees) = fingerprint(""), fingerprint(str(extra))
+    assert (plain_sees, extended_sees) == (False, True)
+    assert extended == plain and plain["python"] == platform.python_version() and plain["documents"] > 300

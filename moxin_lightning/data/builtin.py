@@ -2,32 +2,35 @@
 
 `--input builtin:local` is both corpora below, code then prose (caps apply to each).
 
-`--input builtin:code` is Python source code: every `.py` file under the interpreter's `sysconfig` paths
-'stdlib', then 'purelib', then 'platlib' (when it differs), one document per file, ordered by root and then by
-path relative to the root. Folders named `test`, `tests` or `idle_test` are left out: they are a third of the
+Both are read from the running interpreter's standard library only (`sysconfig`'s 'stdlib' path), never from
+installed packages: the corpus is a fixed function of the Python version, so the same command gives the same
+data, tokenizer and loss curve on any machine with the same Python, whatever else is installed. `corpus_fingerprint`
+names it (the sha256 that `prepare` records for the input in `manifest.json`).
+
+`--input builtin:code` is Python source code: every `.py` file under 'stdlib', one document per file, ordered by
+path relative to it. Folders named `test`, `tests` or `idle_test` are left out: they are a third of the
 standard library and full of deliberately odd code (fixtures with bad encodings, syntax errors); folders named
-`site-packages` / `dist-packages` under 'stdlib' are left out because 'purelib' covers them; `__pycache__`
-holds no source. Empty files (many `__init__.py`) and files that are not UTF-8 are counted as skipped.
+`site-packages` / `dist-packages` are left out because installed packages vary between environments;
+`__pycache__` holds no source. Empty files (many `__init__.py`) and files that are not UTF-8 are counted as
+skipped.
 
 `--input builtin:prose` is English prose, in this order:
   1. the pydoc topics (`pydoc_data.topics.topics`, the language reference sections `help()` shows), by key;
-  2. the metadata description of every installed distribution (`importlib.metadata`: summary and long
-     description), by lower-cased name then version;
-  3. the docstrings of every standard-library module (module, classes and functions, in source order, found
+  2. the docstrings of every standard-library module (module, classes and functions, in source order, found
      by parsing the files with `ast`; nothing is imported), by path like `builtin:code`. A module without
      docstrings and a file that does not parse are counted as skipped.
 
-Both are deterministic for a given environment (interpreter and installed packages). A query caps the size,
-cutting the ordered list at a prefix: `builtin:code?max_mb=20` (MB = 10**6 bytes) and/or `max_documents=N`.
-For code the cap counts candidate files and their size on disk; for prose it counts documents and their UTF-8
-bytes. Example: `builtin:prose?max_mb=2`, `builtin:code?max_documents=500`.
+A query caps the size, cutting the ordered list at a prefix: `builtin:code?max_mb=20` (MB = 10**6 bytes) and/or
+`max_documents=N`. For code the cap counts candidate files and their size on disk; for prose it counts documents
+and their UTF-8 bytes. Example: `builtin:prose?max_mb=2`, `builtin:code?max_documents=500`.
 """
 
 from __future__ import annotations
 
 import ast
-import inspect
+import hashlib
 import os
+import platform
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +44,6 @@ SKIPPED_DIRS = frozenset({"__pycache__", "test", "tests", "idle_test"})
 SITE_DIRS = frozenset({"site-packages", "dist-packages"})
 NO_DOCSTRINGS = "no docstrings"
 UNPARSEABLE = "unparseable Python"
-NO_DESCRIPTION = "no description"
 PART_BYTES = 1 << 20  # size of one unit of work: workers share the corpus in parts of about this size
 
 
@@ -131,15 +133,9 @@ def iter_documents(spec: str) -> Iterator[Record]:
         yield from part.read(SourceStats(spec, part.path))
 
 
-def roots() -> list[tuple[str, Path]]:
-    """(name, folder) of the sysconfig paths that `builtin:code` reads, without repeats."""
-    paths = sysconfig.get_paths()
-    found: list[tuple[str, Path]] = []
-    for name in ("stdlib", "purelib", "platlib"):
-        folder = Path(paths[name]).resolve()
-        if folder.is_dir() and all(folder != seen for _, seen in found):
-            found.append((name, folder))
-    return found
+def stdlib_root() -> Path:
+    """The standard library folder that both corpora read."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
 def python_files(root: Path, *, skip_site: bool) -> list[tuple[str, Path]]:
@@ -156,12 +152,8 @@ def python_files(root: Path, *, skip_site: bool) -> list[tuple[str, Path]]:
 
 
 def code_files() -> list[tuple[str, str]]:
-    """(where, path) of every `builtin:code` document, in corpus order; `where` is 'root/relative/path.py'."""
-    return [
-        (f"{name}/{relative}", str(path))
-        for name, root in roots()
-        for relative, path in python_files(root, skip_site=name == "stdlib")
-    ]
+    """(where, path) of every `builtin:code` document, in corpus order; `where` is 'stdlib/relative/path.py'."""
+    return [(f"stdlib/{relative}", str(path)) for relative, path in python_files(stdlib_root(), skip_site=True)]
 
 
 def prose_records() -> Iterator[Record]:
@@ -170,30 +162,23 @@ def prose_records() -> Iterator[Record]:
 
     for key in sorted(topics):
         yield checked(f"pydoc:topics/{key}", topics[key])
-    yield from distribution_records()
-    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    for relative, path in python_files(stdlib, skip_site=True):
+    for relative, path in python_files(stdlib_root(), skip_site=True):
         yield module_docstrings(f"docstrings:{relative}", path)
 
 
-def distribution_records() -> Iterator[Record]:
-    """One record per installed distribution: 'name: summary' and the long description."""
-    import importlib.metadata
+def corpus_fingerprint(spec: str) -> dict[str, object]:
+    """What a `builtin:` input is on this interpreter: {"input", "python", "documents", "sha256"}.
 
-    seen = set()
-    entries = []
-    for dist in importlib.metadata.distributions():
-        metadata = dist.metadata
-        name, version = metadata["Name"] or "", metadata["Version"] or ""
-        if (name.lower(), version) in seen:
-            continue
-        seen.add((name.lower(), version))
-        entries.append((name.lower(), version, name, metadata))
-    for _, _, name, metadata in sorted(entries, key=lambda entry: entry[:2]):
-        parts = [_meaningful(metadata["Summary"]), _meaningful(metadata.get_payload() or metadata["Description"])]
-        text = "\n\n".join(part for part in parts if part)
-        where = f"dist:{name}"
-        yield Record(where, skip=NO_DESCRIPTION) if not text else checked(where, f"{name}: {text}")
+    `sha256` is the one `prepare` records for the input in its manifest (the sha256 of its parts' sha256 hex
+    digests, each followed by a newline; a part's digest covers its documents' UTF-8 bytes, each followed by a
+    NUL byte), so a prepared dataset and this function name the same text."""
+    digests, documents = [], 0
+    for part in [part for one in local_parts(spec) for part in expand_builtin(one)]:
+        stats = SourceStats(spec, part.path)
+        documents += sum(record.text is not None for record in part.read(stats))
+        digests.append(stats.digest.hexdigest())
+    sha256 = hashlib.sha256("".join(digest + "\n" for digest in digests).encode()).hexdigest()
+    return {"input": spec, "python": platform.python_version(), "documents": documents, "sha256": sha256}
 
 
 def module_docstrings(where: str, path: str | Path) -> Record:
@@ -219,11 +204,6 @@ def _definitions(body: list[ast.stmt], prefix: str) -> Iterator[tuple[str, str, 
             if doc := ast.get_docstring(node):
                 yield ("class" if isinstance(node, ast.ClassDef) else "function"), name, doc
             yield from _definitions(node.body, name + ".")
-
-
-def _meaningful(text: str | None) -> str:
-    text = inspect.cleandoc(text or "")
-    return "" if text.upper() in ("", "UNKNOWN") else text
 
 
 def _text_bytes(record: Record) -> int:
@@ -269,3 +249,9 @@ def _parts(items: list, size) -> Iterator[list]:
             part, total = [], 0
     if part:
         yield part
+
+
+def cache_key(spec: str) -> str:
+    """A name for what an input holds, for caches: a `builtin:` corpus is a function of the Python version (see
+    the module docstring), so its cached tokenizer and prepared data are keyed by it; other inputs are their spec."""
+    return f"{spec}-python{platform.python_version()}" if spec.startswith("builtin:") else spec

@@ -36,6 +36,7 @@ import errno
 import hashlib
 import importlib
 import os
+import platform
 import shutil
 import sys
 from collections.abc import Sequence
@@ -377,7 +378,8 @@ def _split_entry(folder: Path, reports: list[dict[str, Any]]) -> dict[str, Any]:
 def _source_entry(spec: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One manifest entry: a file as read, or a builtin input summed over its parts.
 
-    A builtin input's sha256 is the sha256 of its parts' hex digests, each followed by a newline."""
+    A builtin input's sha256 is the sha256 of its parts' hex digests, each followed by a newline (what
+    `builtin.corpus_fingerprint` computes), and its text depends on the Python version, which is recorded."""
     if len(parts) == 1 and not spec.startswith("builtin:"):
         return {"input": spec, **parts[0]}
     skipped: dict[str, int] = {}
@@ -387,6 +389,7 @@ def _source_entry(spec: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "input": spec,
         "path": spec,
+        **({"python": platform.python_version()} if spec.startswith("builtin:") else {}),
         "parts": len(parts),
         "bytes": sum(part["bytes"] for part in parts),
         "sha256": hashlib.sha256("".join(part["sha256"] + "\n" for part in parts).encode()).hexdigest(),

@@ -18,12 +18,12 @@ def read_inputs(specs: Iterable[str], text_key: str = "text") -> tuple[Iterator[
 
     Globs matching nothing and unsupported files fail here, before training; a record that is not a usable
     document (bad JSON, missing `text_key`, invalid UTF-8) fails when reached: training data is never dropped
-    silently. Empty documents, and what the built-in corpora leave out by design (a package without a
-    description, a module without docstrings), are passed over."""
-    from moxin_lightning.data.builtin import NO_DESCRIPTION, NO_DOCSTRINGS, UNPARSEABLE
+    silently. Empty documents, and what the built-in corpora leave out by design (a module without
+    docstrings, a file that does not parse), are passed over."""
+    from moxin_lightning.data.builtin import NO_DOCSTRINGS, UNPARSEABLE
     from moxin_lightning.data.sources import EMPTY, SourceStats, expand_input
 
-    passed_over = {EMPTY, NO_DESCRIPTION, NO_DOCSTRINGS, UNPARSEABLE}
+    passed_over = {EMPTY, NO_DOCSTRINGS, UNPARSEABLE}
 
     sources = [source for spec in specs for source in expand_input(spec, text_key)]
     info: list[dict[str, Any]] = [{"path": source.path} for source in sources]

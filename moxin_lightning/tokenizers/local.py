@@ -22,9 +22,10 @@ class LocalTokenizer(SentencePieceTokenizer):
     """
 
     def __init__(self, vocab_size: int = 4096, corpus: str = "builtin:local?max_mb=3") -> None:
+        from moxin_lightning.data.builtin import cache_key
         from moxin_lightning.tokenizers.train import train_tokenizer
 
-        folder = cached_folder("tokenizers", f"{corpus}-v{vocab_size}")
+        folder = cached_folder("tokenizers", f"{cache_key(corpus)}-v{vocab_size}")
 
         def train(output: Path) -> None:
             train_tokenizer(corpus, vocab_size, output, progress=False, overwrite=True, minloglevel=2)
