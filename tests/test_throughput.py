@@ -7,6 +7,7 @@ logged rate is checked against exact arithmetic.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,7 +26,7 @@ CONFIG = ModelConfig.from_name(
     max_seq_len=256, sliding_window=64,
 )  # fmt: skip
 BATCH, SEQ = 2, 16
-PEAK = 1e9  # FLOP/s per device given to the callback
+PEAK = 1e12  # FLOP/s per device given to the callback (above what the CPU reaches: MFU stays below 100%)
 
 
 class FakeClock:
@@ -154,12 +155,31 @@ def test_tokens_seen_continues_after_resume(tmp_path):
     assert [row["train/tokens_seen"] for row in logged_rows(tmp_path / "b")] == [4 * per_step, 5 * per_step]
 
 
-def test_peak_is_measured_on_cpu_in_the_training_dtype(tmp_path):
+def test_a_cpu_gets_no_mfu_unless_a_peak_is_given(tmp_path, caplog):
     speed = TrainingSpeed()
-    make_trainer(tmp_path, [speed], max_steps=1, precision="bf16-true").fit(SpeedProbe().bfloat16(), loader())
-    expected = flops.peak_flops("cpu", torch.bfloat16)  # cached: the very measurement the callback made
-    assert expected.source == f"measured torch.bfloat16 matmul on cpu ({torch.get_num_threads()} threads)"
-    assert speed.peak_flops == expected.flops
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [speed], max_steps=2).fit(SpeedProbe(), loader())
+    assert speed.peak_flops is None
+    assert "TrainingSpeed: no MFU on a CPU (no trustworthy peak); set peak_flops to report one" in caplog.messages
+    rows = logged_rows(tmp_path)
+    assert len(rows) == 2 and all("train/mfu" not in row and row["train/tokens_per_s"] > 0 for row in rows)
+
+
+def test_an_mfu_above_100_percent_is_never_logged(tmp_path):
+    """A peak far below what the model computes (here 1 FLOP/s): a warning, and no MFU from then on."""
+    clock = FakeClock()
+    speed = with_clock(TrainingSpeed(window=2, peak_flops=1.0), clock)
+    with pytest.warns(UserWarning, match=r"so that peak is wrong; MFU is no longer reported"):
+        make_trainer(tmp_path, [speed], max_steps=3).fit(SpeedProbe(clock, step_seconds=(1.0,)), loader())
+    rows = logged_rows(tmp_path)
+    assert [row["train/tokens_per_s"] for row in rows] == [BATCH * SEQ / 1.0] * 3
+    assert all("train/mfu" not in row for row in rows) and speed.peak_flops is None
+
+
+def test_the_cpu_matmul_peak_is_measured_in_the_training_dtype():
+    measured = flops.peak_flops("cpu", torch.bfloat16)  # what bench/pretrain.py compares against
+    assert measured.source == f"measured torch.bfloat16 matmul on cpu ({torch.get_num_threads()} threads)"
+    assert measured.flops > 1e8
 
 
 def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
