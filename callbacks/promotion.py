@@ -8,8 +8,8 @@ Usage in a phase's YAML:
           init_args: {dirpath: releases/phase1, on_best_val: true}
 
 and in the next phase `init_from: releases/phase1`. The folder is a Hugging Face model folder plus the run's
-config, data manifests, metrics, loss curves, code version, Model Openness Framework manifest and model card
-(see `moxin_lightning.release`).
+config, data manifests, metrics, the curves of the task's panels (`loss.png`, and e.g. DPO's reward accuracy),
+code version, Model Openness Framework manifest and model card (see `moxin_lightning.release`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ from moxin_lightning.hf import DEFAULT_MAX_SHARD_BYTES
 from moxin_lightning.release import (
     DTYPES,
     LossCurves,
+    Panel,
     Release,
     WeightDtype,
     check_destination,
+    default_panels,
     model_from_state_dict,
     write_release,
 )
+from moxin_lightning.release.plots import check_panels, check_smoothing
 
 
 class CheckpointPromotion(Callback):
@@ -46,8 +49,11 @@ class CheckpointPromotion(Callback):
     writes no release. The folder is built beside `dirpath` and renamed into place, so a crash leaves the
     previous release as it was.
 
-    The callback records the loss curves itself (train loss at every optimizer step, `monitor` at every
-    validation) and keeps them in its checkpoint state, so the plot of a resumed run shows the whole phase.
+    The callback records the curves itself and keeps them in its checkpoint state, so the plots of a resumed run
+    show the whole phase: the metrics of the task's `release_panels` (default: `train_metric` and `monitor`, in
+    `loss.png`), `val/...` ones and `monitor` at every validation, the others after every optimizer step. A fresh
+    phase's first validation point is step 0, the starting weights: `validate_at_start` makes Lightning's sanity
+    check (run before the first step unless `num_sanity_val_steps: 0`) a whole validation pass, and records it.
 
     Args:
         dirpath: the release folder, e.g. `releases/phase1`; the next phase's `init_from`.
@@ -55,6 +61,9 @@ class CheckpointPromotion(Callback):
         best_dirpath: where the best-validation release goes (default: `<dirpath>-best`); always replaced.
         monitor: the validation metric to plot and to minimise.
         train_metric: the training loss to plot.
+        validate_at_start: validate on the whole validation set before the first step of a fresh phase (the
+            sanity check, widened) and record it as step 0. Its cost is one more validation pass.
+        smoothing: beta of the debiased exponential moving average drawn over each per-step metric (0: none).
         overwrite: replace an existing release at `dirpath` (refused at the start of `fit` otherwise). A folder
             that is not a release is never replaced.
         name, description: the model card's title (default: the folder's name) and opening paragraph.
@@ -73,6 +82,8 @@ class CheckpointPromotion(Callback):
         best_dirpath: str | None = None,
         monitor: str = "val/loss",
         train_metric: str = "train/loss",
+        validate_at_start: bool = True,
+        smoothing: float = 0.9,
         overwrite: bool = True,
         name: str | None = None,
         description: str = "",
@@ -92,6 +103,7 @@ class CheckpointPromotion(Callback):
             raise ValueError(f"CheckpointPromotion sample_tokens={sample_tokens} must be >= 1")
         if technical_report is not None and not Path(technical_report).is_file():
             raise ValueError(f"CheckpointPromotion technical_report {technical_report} is not a file")
+        check_smoothing(smoothing)
         self.dirpath = Path(dirpath)
         self.on_best_val = on_best_val
         self.best_dirpath = Path(best_dirpath) if best_dirpath else self.dirpath.with_name(self.dirpath.name + "-best")
@@ -99,6 +111,8 @@ class CheckpointPromotion(Callback):
             raise ValueError(f"best_dirpath {best_dirpath} is dirpath itself; choose another folder")
         self.monitor = monitor
         self.train_metric = train_metric
+        self.validate_at_start = validate_at_start
+        self.smoothing = smoothing
         self.overwrite = overwrite
         self.name = name or self.dirpath.name
         self.description = description
@@ -108,9 +122,11 @@ class CheckpointPromotion(Callback):
         self.sample_prompts = list(sample_prompts or [])
         self.sample_tokens = sample_tokens
         self.technical_report = technical_report
-        self.curves = LossCurves()
+        self.curves = LossCurves(train_metric=train_metric, monitor=monitor)
+        self.panels: list[Panel] = default_panels(self.curves)
         self.best: float | None = None
         self._failed = False
+        self._sanity_steps: int | float | None = None  # the trainer's setting while the sanity check is widened
 
     @property
     def state_key(self) -> str:
@@ -132,26 +148,53 @@ class CheckpointPromotion(Callback):
             check_destination(self.best_dirpath, overwrite=True)
         if self.sample_prompts and _tokenizer(trainer) is None:
             raise ValueError("CheckpointPromotion sample_prompts need the datamodule's tokenizer; it has none")
+        self.panels = list(getattr(pl_module, "release_panels", None) or default_panels(self.curves))
+        check_panels(self.panels)
         self._failed = False
 
-    # -- loss curves --------------------------------------------------------------------------------------
+    # -- curves -------------------------------------------------------------------------------------------
+
+    def _metrics(self, per_step: bool) -> list[str]:
+        """The metrics recorded after every optimizer step (per_step) or at every validation, each once."""
+        named = [self.train_metric, self.monitor] + [m for panel in self.panels for m in panel.metrics]
+        return [m for m in dict.fromkeys(named) if self.curves.is_per_step(m) == per_step]
+
+    def _record(self, trainer: L.Trainer, metrics: list[str]) -> None:
+        for metric in metrics:
+            value = _number(trainer.callback_metrics.get(metric))
+            if value is not None:
+                self.curves.add(metric, trainer.global_step, value)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step == 0 or (self.curves.train and self.curves.train[-1][0] >= step):
+        step, metrics = trainer.global_step, self._metrics(per_step=True)
+        last = max((points[-1][0] for points in map(self.curves.points, metrics) if points), default=0)
+        if step == 0 or last >= step:
             return  # no optimizer step since the last point (gradient accumulation)
-        value = _number(trainer.callback_metrics.get(self.train_metric))
-        if value is not None:
-            self.curves.add_train(step, value)
+        self._record(trainer, metrics)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before a fresh phase's first step, make the sanity check a whole validation pass: the step-0 point.
+
+        Lightning reads `num_sanity_val_steps` when the check's loop starts, right after this hook; a resumed run
+        (step > 0) keeps its setting and records nothing here."""
+        if self.validate_at_start and trainer.global_step == 0 and trainer.state.fn == TrainerFn.FITTING:
+            self._sanity_steps = trainer.num_sanity_val_steps
+            trainer.num_sanity_val_steps = float("inf")
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._sanity_steps is not None:
+            trainer.num_sanity_val_steps, self._sanity_steps = self._sanity_steps, None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING:
             return
+        if trainer.sanity_checking:  # the starting weights, when the check was widened to the whole set
+            if self._sanity_steps is not None:
+                self._record(trainer, self._metrics(per_step=False))
+            return  # not a release: the untrained model is not the best of the phase
+        self._record(trainer, self._metrics(per_step=False))
         value = _number(trainer.callback_metrics.get(self.monitor))
-        if value is None:
-            return
-        self.curves.add_val(trainer.global_step, value)
-        if not self.on_best_val:
+        if value is None or not self.on_best_val:
             return
         # Rank 0 decides, so every rank takes part in the collective `full_state_dict` or none does.
         improved = trainer.strategy.broadcast(self.best is None or value < self.best, src=0)
@@ -204,6 +247,8 @@ class CheckpointPromotion(Callback):
             metrics=metrics,
             training=_training_facts(trainer, datamodule, metrics),
             curves=LossCurves.from_dict(self.curves.to_dict()),
+            panels=list(self.panels),
+            smoothing=self.smoothing,
             sample_prompts=self.sample_prompts,
             sample_tokens=self.sample_tokens,
             include_code=self.include_code,
@@ -216,7 +261,10 @@ class CheckpointPromotion(Callback):
         return {"curves": self.curves.to_dict(), "best": self.best}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.curves = LossCurves.from_dict(state_dict.get("curves", {}))
+        """The checkpoint's points, under this run's metric names (a checkpoint from before the series has none)."""
+        curves = LossCurves.from_dict(state_dict.get("curves", {}))
+        curves.train_metric, curves.monitor = self.train_metric, self.monitor
+        self.curves = curves
         self.best = state_dict.get("best")
 
 

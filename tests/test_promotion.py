@@ -250,11 +250,22 @@ def test_metrics_are_the_trainers_final_metrics(phase):
     }  # fmt: skip
 
 
+def untrained_val_loss() -> float:
+    """The validation loss of TinyTask's starting weights (seeded), on both validation batches: the step-0 point."""
+    task = TinyTask()
+    with torch.no_grad():
+        losses = [task._loss(batch).item() for batch in TinyData._batches(1, 2)]
+    return sum(losses) / len(losses)
+
+
 def test_loss_curves_are_the_logged_losses_and_are_plotted(phase):
     curves = LossCurves.from_dict(read_json(phase.path / "loss_curves.json"))
     assert curves.train == phase.task.logged_train and [s for s, _ in curves.train] == [1, 2, 3, 4]
-    assert [s for s, _ in curves.val] == [2, 4]  # the sanity check is not a point
-    assert [v for _, v in curves.val] == pytest.approx([v for _, v in phase.task.logged_val], rel=1e-6)
+    # step 0: the sanity check (1 batch in make_trainer) widened to the whole validation set, before any update
+    assert [s for s, _ in curves.val] == [0, 2, 4]
+    assert curves.val[0][1] == pytest.approx(untrained_val_loss(), rel=1e-6)
+    assert [v for _, v in curves.val[1:]] == pytest.approx([v for _, v in phase.task.logged_val], rel=1e-6)
+    assert phase.trainer.num_sanity_val_steps == 1  # the trainer's setting is given back after the check
     assert curves == phase.callback.curves
     png = (phase.path / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
@@ -269,7 +280,11 @@ def test_model_card_has_architecture_metrics_plot_and_how_to_load(phase):
     for name, value in phase.metrics.items():
         assert f"| {name} | {format_value(value)} |" in card
     assert f"| val/loss | {phase.metrics['val/loss']:.6g} |" in card
-    assert "![training and validation loss](loss.png)" in card
+    assert "![loss](loss.png)" in card
+    curves = phase.callback.curves
+    last_ema = release_module.ema([v for _, v in curves.train], 0.9)[-1]
+    assert f"| train/loss | 4 | {format_value(curves.train[-1][1])} | {format_value(last_ema)} |" in card
+    assert f"| val/loss | 4 | {format_value(phase.metrics['val/loss'])} |  |" in card
     assert f"init_from: {phase.path}" in card and f'from_pretrained("{phase.path}")' in card
     assert (
         "Class reached by this folder alone: **none (below Class III)**. Missing for Class III - Open Model: "
@@ -337,7 +352,8 @@ def test_sample_ids_beyond_the_tokenizer_are_kept_but_not_decoded(tokenizer):
 
 
 def test_best_validation_release_holds_the_lowest_validation_loss(phase):
-    best_step, best_loss = min(phase.callback.curves.val, key=lambda point: point[1])
+    trained = [(step, loss) for step, loss in phase.callback.curves.val if step > 0]  # step 0 is never released
+    best_step, best_loss = min(trained, key=lambda point: point[1])
     written = read_json(phase.best / "metrics.json")
     assert written["metrics"]["val/loss"] == best_loss == phase.callback.best
     assert written["training"]["global_step"] == best_step
@@ -357,7 +373,7 @@ def test_bfloat16_release_of_a_tied_model_leaves_the_callers_model_alone(tmp_pat
     assert all(torch.equal(loaded.state_dict()[n], t.to(torch.bfloat16)) for n, t in before.items())
     assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())  # still float32, unchanged
     assert not (tmp_path / "r" / "loss.png").exists()  # no curves recorded: no plot, and the card says nothing
-    assert "## Loss curves" not in (tmp_path / "r" / "README.md").read_text()
+    assert "## Training curves" not in (tmp_path / "r" / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +390,7 @@ def test_failed_write_keeps_the_previous_release(phase, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(release_module.write, "plot_losses", disk_full)  # where write_release looks it up
+    monkeypatch.setattr(release_module.write, "plot_curves", disk_full)  # where write_release looks it up
     with pytest.raises(OSError, match="No space left on device"):
         write_release(previous, model, contents, overwrite=True)
     assert folder_digest(previous) == before
@@ -426,14 +442,14 @@ def test_resumed_run_keeps_the_curve_of_the_first_part(tmp_path, tokenizer):
     saved = torch.load(ckpt, weights_only=True)["callbacks"]
     state = saved[CheckpointPromotion(dirpath=str(tmp_path / "phase1")).state_key]
     assert state["curves"]["train"] == [[s, v] for s, v in first.logged_train]
-    assert [s for s, _ in state["curves"]["val"]] == [2]
+    assert [s for s, _ in state["curves"]["val"]] == [0, 2]
 
     second, callback = TinyTask(), CheckpointPromotion(dirpath=str(tmp_path / "phase1"), include_code=False)
     resumed = make_trainer([callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")], enable_checkpointing=True)
     resumed.fit(second, datamodule=TinyData(tokenizer), ckpt_path=ckpt)
     curves = read_json(tmp_path / "phase1" / "loss_curves.json")
     assert curves["train"] == [[s, v] for s, v in first.logged_train + second.logged_train]
-    assert [s for s, _ in curves["train"]] == [1, 2, 3, 4] and [s for s, _ in curves["val"]] == [2, 4]
+    assert [s for s, _ in curves["train"]] == [1, 2, 3, 4] and [s for s, _ in curves["val"]] == [0, 2, 4]
     assert same_weights(import_hf(tmp_path / "phase1"), second.model)
 
     copy = CheckpointPromotion(dirpath="elsewhere")

@@ -1,7 +1,7 @@
-"""The human-readable parts of a release: the model card (README.md), the data card and the loss plot.
+"""The human-readable parts of a release: the model card (README.md) and the data card.
 
-Everything here turns facts already gathered (config, metrics, manifests, mof.json, version.json, the loss
-curves) into text or a picture; it decides nothing and writes only the plot file itself.
+Everything here turns facts already gathered (config, metrics, manifests, mof.json, version.json, the recorded
+curves) into text; it decides nothing. The pictures the card shows are drawn by `moxin_lightning.release.plots`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from moxin_lightning.model.config import ModelConfig
-from moxin_lightning.release.contents import LossCurves, Release
+from moxin_lightning.release.contents import Release
 from moxin_lightning.release.mof import MOF_COMPONENTS
+from moxin_lightning.release.plots import drawn_panels, final_values
 
 
 def format_value(value: Any) -> str:
@@ -24,9 +25,9 @@ def format_value(value: Any) -> str:
     return f"{value:.6g}"
 
 
-def _table(header: tuple[str, str], rows: Iterable[tuple[Any, Any]]) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    lines += [f"| {key} | {format_value(value)} |" for key, value in rows]
+def _table(header: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(format_value(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -47,17 +48,47 @@ def model_card(
         parts.append("## Training\n\n" + _table(("run", "value"), release.training.items()) + _data_list(release))
     if release.metrics:
         parts.append("## Metrics\n\n" + _table(("metric", "value"), sorted(release.metrics.items())))
-    if release.curves.train or release.curves.val:
-        parts.append(
-            "## Loss curves\n\n![training and validation loss](loss.png)\n\n"
-            "The points are in `loss_curves.json` (train: every optimizer step; validation: every validation run)."
-        )
+    curves = _curves_section(release)
+    if curves:
+        parts.append(curves)
     if release.sample_prompts:
         parts.append("## Sample outputs\n\nGreedy continuations, in `samples.json`.")
     parts.append(_how_to_load(output))
     parts.append(_mof_section(mof))
     parts.append(_provenance(version))
     return "\n\n".join(parts) + "\n"
+
+
+def _curves_section(release: Release) -> str:
+    """One picture per panel, each with its metrics' final values; empty when nothing was recorded."""
+    panels = drawn_panels(release.curves, release.panels)
+    if not panels:
+        return ""
+    beta = release.smoothing
+    training = (
+        f"drawn faint under their debiased exponential moving average (beta = {format_value(beta)}; the formula and "
+        "the smoothed points are in the file)"
+        if beta
+        else "drawn as logged"
+    )
+    pictures = ", ".join(f"`{panel.name}.png`" for panel in panels)
+    parts = [
+        f"## Training curves\n\nOne picture per panel ({pictures}), drawn from `loss_curves.json`. Training metrics "
+        f"are recorded after every optimizer step and {training}; validation metrics (`val/...`) at every "
+        "validation, the first at step 0 (the starting weights, before any update) when the run validated before "
+        "training. The tables give each metric's last point."
+    ]
+    header = ("metric", "step", "final value", "final EMA")[: 4 if beta else 3]
+    for panel in panels:
+        rows = [_final_row(row, beta) for row in final_values(release.curves, panel, beta)]
+        parts.append(f"### {panel.label}\n\n![{panel.label}]({panel.name}.png)\n\n{_table(header, rows)}")
+    return "\n\n".join(parts)
+
+
+def _final_row(row: Mapping[str, Any], beta: float) -> tuple[Any, ...]:
+    """metric, step, last value and, when smoothing, the last EMA value (blank for a validation metric)."""
+    cells = (row["metric"], row["step"], row["value"])
+    return (*cells, "" if row["smoothed"] is None else row["smoothed"]) if beta else cells
 
 
 def _data_list(release: Release) -> str:
@@ -140,28 +171,3 @@ def data_card(manifests: Mapping[str, Mapping[str, Any]]) -> str:
                 )
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
-
-
-def plot_losses(curves: LossCurves, file: Path, title: str = "") -> None:
-    """loss.png: training loss per optimizer step and validation loss per validation run, against the step.
-
-    Drawn on a bare `Figure` (Agg canvas): no pyplot, so no global backend or figure state is touched."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(7, 4), dpi=120, layout="constrained")
-    axes = figure.add_subplot()
-    if curves.train:
-        steps, losses = zip(*curves.train, strict=True)
-        axes.plot(steps, losses, linewidth=1, alpha=0.8, label="train")
-    if curves.val:
-        steps, losses = zip(*curves.val, strict=True)
-        axes.plot(steps, losses, marker="o", markersize=4, label="validation")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss")
-    if title:
-        axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.savefig(file, format="png")

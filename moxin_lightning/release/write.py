@@ -21,9 +21,10 @@ from moxin_lightning.atomic import written_as_a_whole
 from moxin_lightning.hf import DEFAULT_MAX_SHARD_BYTES, export_hf
 from moxin_lightning.model.config import ModelConfig
 from moxin_lightning.model.transformer import Transformer
-from moxin_lightning.release.card import data_card, model_card, plot_losses
+from moxin_lightning.release.card import data_card, model_card
 from moxin_lightning.release.contents import Release
 from moxin_lightning.release.mof import MOF_FILE, mof_evidence, mof_manifest
+from moxin_lightning.release.plots import check_panels, check_smoothing, curves_document, plot_curves
 from moxin_lightning.release.provenance import code_version, copy_code
 from moxin_lightning.release.samples import sample_outputs
 
@@ -88,6 +89,8 @@ def write_release(
         raise ValueError("sample prompts need a tokenizer; pass Release(tokenizer=...) or no sample_prompts")
     if release.technical_report is not None and not Path(release.technical_report).is_file():
         raise FileNotFoundError(f"technical report {release.technical_report} not found; pass an existing file")
+    check_panels(release.panels)
+    check_smoothing(release.smoothing)
     if dtype is not None:  # a converted copy: the caller's model stays as it is
         state = {name: tensor.to(DTYPES[dtype]) for name, tensor in model.state_dict().items()}
         model = model_from_state_dict(model.config, state)
@@ -114,9 +117,8 @@ def _write_contents(model: Transformer, release: Release, staging: Path, output:
     if release.data_manifests:
         (staging / "data" / "README.md").write_text(data_card(release.data_manifests), encoding="utf-8")
     _write_json(staging / "metrics.json", {"metrics": release.metrics, "training": release.training})
-    _write_json(staging / "loss_curves.json", release.curves.to_dict())
-    if release.curves.train or release.curves.val:
-        plot_losses(release.curves, staging / "loss.png", title=release.name)
+    _write_json(staging / "loss_curves.json", curves_document(release.curves, release.panels, release.smoothing))
+    plot_curves(release.curves, release.panels, release.smoothing, staging, title=release.name)
     if release.sample_prompts:
         _write_json(staging / "samples.json", {"samples": sample_outputs(model, release)})
     if release.include_code:

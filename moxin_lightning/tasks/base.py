@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric
 
 from moxin_lightning.model.config import ModelConfig
 from moxin_lightning.model.transformer import Transformer
+from moxin_lightning.release.contents import Panel
 from moxin_lightning.schedules import ScheduleKind, check_schedule, lr_factor
 from moxin_lightning.tasks import parallelize
 from moxin_lightning.tasks.init_from import read_initial_state
@@ -59,6 +60,8 @@ class TrainingTask(L.LightningModule):
 
     reports_perplexity = False
     batch_keys: tuple[str, ...] = ("input_ids", "labels", "doc_ids")  # what `loss_terms` reads from a batch
+    # what a release plots (`CheckpointPromotion`): one picture per panel; a task adds what its objective is about
+    release_panels: tuple[Panel, ...] = (Panel("loss", "loss", ("train/loss", "val/loss")),)
 
     def __init__(
         self,

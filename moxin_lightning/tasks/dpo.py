@@ -19,6 +19,7 @@ from moxin_lightning.atomic import remove_stale_temporaries, written_file
 from moxin_lightning.first_use import cache_root
 from moxin_lightning.losses import IGNORE_INDEX, dpo_loss
 from moxin_lightning.model.transformer import Transformer
+from moxin_lightning.release.contents import Panel
 from moxin_lightning.tasks.base import TrainingTask
 
 
@@ -35,6 +36,11 @@ class DPO(TrainingTask):
     """
 
     batch_keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "pair_index")
+    release_panels = (
+        *TrainingTask.release_panels,
+        Panel("reward_accuracy", "reward accuracy", ("train/rewards_accuracy", "val/rewards_accuracy")),
+        Panel("reward_margin", "reward margin (chosen - rejected)", ("train/rewards_margin", "val/rewards_margin")),
+    )
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ import torch
 from moxin_lightning.generate import sample
 from moxin_lightning.losses import IGNORE_INDEX, group_advantages, grpo_loss
 from moxin_lightning.model.transformer import Transformer
+from moxin_lightning.release.contents import Panel
 from moxin_lightning.rewards import CombinedReward, Reward
 from moxin_lightning.tasks.base import TrainingTask
 
@@ -56,6 +57,12 @@ class GRPO(TrainingTask):
     """
 
     batch_keys = ("prompt_ids", "prompt_text", "answer")
+    release_panels = (
+        *TrainingTask.release_panels,
+        Panel("reward_mean", "mean reward", ("train/reward_mean", "val/reward_mean")),
+        Panel("completion_length", "completion length (tokens)", ("train/completion_length", "val/completion_length")),
+        Panel("truncation_rate", "truncation rate (no EOS)", ("train/truncation_rate", "val/truncation_rate")),
+    )
 
     def __init__(
         self,
