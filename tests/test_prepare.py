@@ -354,7 +354,8 @@ def error_cases(tmp: Path) -> list[tuple[list[str], dict, type, str]]:
     (tmp / "corrupt.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 50)[:40])
     (tmp / "table.csv").write_text("text\nhello\n")
     write_parquet(tmp / "wrong.parquet", ["a", "b"], key="content")
-    ok = str(tmp / "ok.jsonl")
+    write_jsonl(tmp / "one.jsonl", [{"text": DOCUMENTS[0]}])
+    ok, one = str(tmp / "ok.jsonl"), str(tmp / "one.jsonl")
     return [
         ([str(tmp / "nothing" / "*.jsonl")], {}, DataError, r"matched no files; check the path and quote the glob"),
         ([str(tmp / "missing.jsonl")], {}, DataError, r"missing\.jsonl not found; check the path"),
@@ -364,7 +365,7 @@ def error_cases(tmp: Path) -> list[tuple[list[str], dict, type, str]]:
         ([str(tmp / "corrupt.jsonl.gz")], {}, DataError,
          r"cannot read .*corrupt\.jsonl\.gz: .*; fix or remove the file"),
         ([str(tmp / "none.jsonl")], {}, DataError, r"no documents \(1 empty text, 1 missing text key\); check --input"),
-        ([ok], {"val_fraction": 0.001}, DataError, r"picked none of the 5 documents; raise --val_fraction"),
+        ([one], {"val_fraction": 0.001}, DataError, r"val_fraction 0\.001 with only 1 document: pass --val_fraction 0"),
         ([ok], {"val_fraction": 1.5}, DataError, r"val_fraction must be in \[0, 1\)"),
         ([], {}, DataError, r"no --input given"),
         (["builtin:poetry"], {}, DataError,

@@ -10,7 +10,9 @@ says what they hold (see `manifest.py`). Each document becomes BOS + `tokenizer.
 follow each other in input order: inputs as given, files of a glob sorted, records in file order.
 With `val_fraction=0` there is no `val/`.
 
-Steps: expand the inputs into sources (`sources.py`, `builtin.py`); read and tokenize every source once in
+Steps: expand the inputs into sources (`sources.py`, `builtin.py`); read the first documents (text only) to check
+the split before any work (`_scan_documents`: at least 2 documents when val_fraction > 0, and at least one held out:
+when the hash rule picks none, the document with the smallest hash); read and tokenize every source once in
 `num_workers` litdata workers (one source = one unit of work, so parallelism is across files: shard a big
 corpus into many files), training documents streaming into `train/` and each source's validation documents
 (`worker.is_validation`) saved aside; then write those into `val/`, hash both token streams, and write the
@@ -39,7 +41,8 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +52,24 @@ from moxin_lightning.data import manifest as manifests
 from moxin_lightning.data.builtin import local_parts
 from moxin_lightning.data.integrity import chunk_hashes
 from moxin_lightning.data.nodes import NodeRun, Nodes, resolve_nodes, write_splits
-from moxin_lightning.data.prepare_records import FORMATS, encode_records, make_format, plan_units
+from moxin_lightning.data.prepare_records import FORMATS, encode_records, make_format, plan_units, scan_records
 from moxin_lightning.data.publish import check_output, publish, remove_stale_temporaries, staging_folder
 from moxin_lightning.data.records import reasons
 from moxin_lightning.data.shards import DTYPE, LAYOUTS, count_items, read_tokens
-from moxin_lightning.data.sources import MISSING_KEY, DataError, Source, expand_input, refuse_repeats
-from moxin_lightning.data.worker import SPLIT_RULE, TokenizeUnits, ValTokens
+from moxin_lightning.data.sources import MISSING_KEY, DataError, Source, SourceStats, expand_input, refuse_repeats
+from moxin_lightning.data.worker import (
+    SPLIT_RULE,
+    SplitItem,
+    SplitScan,
+    TokenizeUnits,
+    ValTokens,
+    announce_forced,
+    hash_in_val,
+    lone_item_error,
+    scan_split,
+    split_hash,
+    split_section,
+)
 from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import ChatTemplate
 from moxin_lightning.tokenizers.load import load_tokenizer
@@ -108,6 +123,9 @@ def prepare(
     `tokenizer` is a `Tokenizer`, the path of a SentencePiece `tokenizer.model` (or its folder), or a folder
     written by `MoETokenizer.save`.
     `num_workers` defaults to the CPUs this process may use (0 means 1). `seed` salts the val split's hash.
+    With `val_fraction` > 0 at least one document is held out: when the hash rule picks none, the one with the
+    smallest hash (found by a text-only pre-pass, recorded as the manifest's `split.forced_val`); a single
+    document, or none, is refused before any tokenizing.
     `layout` is "documents" (one document per litdata item, read by `StreamingDataset(dir)` and by
     `moxin_lightning.datamodules.PretrainData`) or "tokens" (`TokensLoader`); see `shards.py`. Raises
     DataError (bad inputs), FileExistsError (OUTPUT holds a dataset and `overwrite` is False, or holds other
@@ -148,8 +166,12 @@ def prepare(
         check_output(output, overwrite)
     if record_format is None:
         groups, sources = _plan(inputs, text_key)
+        scan = _scan_documents(sources, val_fraction, seed)
+        announce_forced(scan, val_fraction, "documents")
     else:
         units = plan_units(record_format, [inputs] if isinstance(inputs, str) else list(inputs))
+        scan = scan_records(record_format, units, val_fraction, seed)
+        announce_forced(scan, val_fraction, f"{record_format.name} records")
     workers = num_workers if num_workers is not None else _available_cpus()
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -178,11 +200,12 @@ def prepare(
             run.start()
         shards = {"layout": layout, "chunk_bytes": chunk_bytes, "start_method": start_method}
         if record_format is None:
-            reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, workers, shards, progress, run)
+            reports = _tokenize(sources, tokenizer, staging, val_fraction, seed, scan, workers, shards, progress, run)
             if reports is None:  # another node than the last: its part is done
                 return None
             _warn_unused_files(reports, text_key)
-            body = _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout)
+            section = split_section(val_fraction, seed, SPLIT_RULE, scan)
+            body = _manifest_body(tokenizer, groups, reports, staging, section, text_key, layout)
         else:
             body = encode_records(
                 record_format,
@@ -194,6 +217,7 @@ def prepare(
                 shards=shards,
                 progress=progress,
                 run=run,
+                scan=scan,
             )
             if body is None:  # another node than the last: its part is done
                 return None
@@ -243,15 +267,18 @@ def _tokenize(
     staging: Path,
     val_fraction: float,
     seed: int,
+    scan: SplitScan,
     workers: int,
     shards: dict[str, Any],
     progress: bool,
     run: NodeRun | None = None,
 ) -> list[dict[str, Any]] | None:
     """Write staging/train (and staging/val); return the workers' per-source reports, in source order (None on a
-    node other than the last of a multi-node `run`)."""
+    node other than the last of a multi-node `run`). The workers hold out `scan.forced` too (`_scan_documents`)."""
     return write_splits(
-        lambda stats_dir, val_dir: TokenizeUnits(sources, tokenizer, val_fraction, seed, stats_dir, val_dir),
+        lambda stats_dir, val_dir: TokenizeUnits(
+            sources, tokenizer, val_fraction, seed, stats_dir, val_dir, scan.forced
+        ),
         ValTokens,
         len(sources),
         staging,
@@ -301,17 +328,53 @@ def _plan(inputs: Sequence[str], text_key: str) -> tuple[list[tuple[str, list[in
     return groups, sources
 
 
+def _scan_documents(sources: list[Source], val_fraction: float, seed: int) -> SplitScan:
+    """The split pre-pass (`worker.scan_split`) over the documents' text, before any tokenizing: refuses inputs with
+    no document (the message the finished run would give) and a val split of a single document, and finds the
+    document to hold out when the hash rule picks none."""
+    skipped: Counter = Counter()
+    scan = scan_split(_split_items(sources, val_fraction, seed, skipped), val=val_fraction > 0)
+    if scan.items == 0:
+        raise _no_documents(skipped)
+    if scan.lone:
+        raise lone_item_error(val_fraction, "document", "--val_fraction")
+    return scan
+
+
+def _split_items(sources: list[Source], val_fraction: float, seed: int, skipped: Counter) -> Iterator[SplitItem]:
+    """The documents in input order, as the split sees them; records that are no document counted in `skipped`.
+    Reading fails as in a worker: a DataError's own line, anything else as a PrepareError naming the source."""
+    for source in sources:
+        try:
+            for record in source.read(SourceStats(source.label, source.path)):
+                if record.text is None:
+                    skipped[record.skip] += 1
+                    continue
+                value = split_hash(record.text, seed)
+                yield SplitItem(value, hash_in_val(value, val_fraction), record.where)
+        except DataError:
+            raise
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise PrepareError(f"reading {source.path} failed: {type(error).__name__}: {first}".rstrip(": ")) from None
+
+
+def _no_documents(skipped: dict[str, int]) -> DataError:
+    """The one-line error for inputs without a document, with every skip reason counted."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "no records"
+    return DataError(f"the inputs hold no documents ({reasons}); check --input and --text_key")
+
+
 def _check_splits(reports: list[dict[str, Any]], val_fraction: float) -> None:
-    """One-line errors for no documents at all, or a split left empty by the val fraction."""
+    """One-line errors for no documents at all, or a split left empty by the val fraction (the pre-pass refuses
+    both before the work; these hold should the inputs change while they are read)."""
     documents = sum(report["source"]["documents"] for report in reports)
     in_val = sum(report["val"]["documents"] for report in reports)
     if documents == 0:
-        skipped: dict[str, int] = {}
+        skipped: Counter = Counter()
         for report in reports:
-            for reason, count in report["source"]["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + count
-        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "no records"
-        raise DataError(f"the inputs hold no documents ({reasons}); check --input and --text_key")
+            skipped.update(report["source"]["skipped"])
+        raise _no_documents(skipped)
     if val_fraction > 0 and in_val == 0:
         raise DataError(
             f"val_fraction {val_fraction} picked none of the {documents} documents; "
@@ -321,8 +384,8 @@ def _check_splits(reports: list[dict[str, Any]], val_fraction: float) -> None:
         raise DataError(f"val_fraction {val_fraction} put all {documents} documents in val; lower --val_fraction")
 
 
-def _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text_key, layout) -> dict[str, Any]:
-    """Everything the manifest says, from the workers' reports and the written shards."""
+def _manifest_body(tokenizer, groups, reports, staging, section, text_key, layout) -> dict[str, Any]:
+    """Everything the manifest says, from the workers' reports and the written shards; `section`: its `split`."""
     names = [name for name in manifests.SPLITS if (staging / name).is_dir()]
     splits = {name: _split_entry(staging / name, [report[name] for report in reports]) for name in names}
     return {
@@ -331,7 +394,7 @@ def _manifest_body(tokenizer, groups, reports, staging, val_fraction, seed, text
         "document": DOCUMENT_FORMAT,
         "layout": layout,
         "read_with": READ_WITH[layout],
-        "split": {"val_fraction": val_fraction, "seed": seed, "rule": SPLIT_RULE},
+        "split": section,
         "splits": splits,
         "documents": sum(split["documents"] for split in splits.values()),
         "tokens": sum(split["tokens"] for split in splits.values()),

@@ -10,6 +10,10 @@ depend on (`records`: format, template name and fingerprint, `max_length` or `ma
 truncation rule) and, per split, the records, tokens, trained tokens, truncated records and every skip by reason;
 the datamodules check those against their own settings before any work.
 
+The split rounds up as the documents' does (`scan_records`, before any work): with `val_fraction` > 0 at least one
+usable record is held out (the one with the smallest hash when the hash rule holds out none), and a single usable
+record, or none that parses, is refused.
+
 Called by `prepare.prepare` (which owns the output folder) and by the datamodules, which prepare raw files named
 in their `train` / `val` on first use through this same code.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +32,18 @@ from moxin_lightning.data.nodes import NodeRun, write_splits
 from moxin_lightning.data.preference_records import PreferenceFormat
 from moxin_lightning.data.prompt_records import PromptFormat
 from moxin_lightning.data.record_worker import EncodeRecords, ValItems
-from moxin_lightning.data.records import RECORD_SPLIT_RULE, RecordFormat, SplitCounts, reasons
+from moxin_lightning.data.records import (
+    RECORD_SPLIT_RULE,
+    Encoded,
+    RecordFormat,
+    SplitCounts,
+    hash_held_out,
+    reasons,
+    record_hash,
+)
 from moxin_lightning.data.shards import count_items
 from moxin_lightning.data.sources import DataError, refuse_repeats
+from moxin_lightning.data.worker import SplitItem, SplitScan, lone_item_error, scan_split, split_section
 from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import TULU, ChatTemplate
 
@@ -90,6 +104,38 @@ def plan_units(record_format: RecordFormat, inputs: list[str]) -> list[str]:
     return units
 
 
+def scan_records(record_format: RecordFormat, units: list[str], val_fraction: float, seed: int) -> SplitScan:
+    """The split pre-pass over the records (`worker.scan_split`), before any work: parsing only, plus encoding the
+    few records that may be held out, since a record too long for the format's limits is skipped there. Refuses
+    inputs with no parsable record (the message the finished run would give) and a val split of a single record."""
+
+    def usable(parsed: Any) -> bool:
+        return isinstance(record_format.encode_parsed([parsed])[0], Encoded)
+
+    skipped: Counter = Counter()
+    scan = scan_split(_split_items(record_format, units, val_fraction, seed, skipped), val_fraction > 0, usable)
+    if scan.items == 0:
+        raise _no_usable(record_format, units, skipped)
+    if scan.lone:
+        raise lone_item_error(val_fraction, f"usable {record_format.name} record", "val_fraction")
+    return scan
+
+
+def _split_items(
+    record_format: RecordFormat, units: list[str], val_fraction: float, seed: int, skipped: Counter
+) -> Iterator[SplitItem]:
+    """The parsable records in input order, as the split sees them; unparsable ones are counted in `skipped` under
+    the reasons the workers count them under."""
+    for unit in units:
+        for record in record_format.read(unit):
+            parsed = record.skip if record.value is None else record_format.parse(record.value)
+            if isinstance(parsed, str):
+                skipped[parsed or "unreadable record"] += 1
+                continue
+            value = record_hash(record_format.split_key(parsed), seed)
+            yield SplitItem(value, hash_held_out(value, val_fraction), record.where, parsed)
+
+
 def encode_records(
     record_format: RecordFormat,
     units: list[str],
@@ -101,11 +147,14 @@ def encode_records(
     shards: dict[str, Any],
     progress: bool,
     run: NodeRun | None = None,
+    scan: SplitScan | None = None,
 ) -> dict[str, Any] | None:
     """Write staging/train (and staging/val) and return the manifest body's record-specific part; with `run` (more
-    than one node), None on every node but the last (see `nodes.py`)."""
+    than one node), None on every node but the last (see `nodes.py`). `scan`: the split pre-pass's result
+    (`scan_records`), whose forced hash, if any, is held out."""
+    forced = scan.forced if scan is not None else None
     reports = write_splits(
-        lambda stats_dir, val_dir: EncodeRecords(units, record_format, val_fraction, seed, stats_dir, val_dir),
+        lambda stats_dir, val_dir: EncodeRecords(units, record_format, val_fraction, seed, stats_dir, val_dir, forced),
         ValItems,
         len(units),
         staging,
@@ -140,7 +189,7 @@ def encode_records(
         "records": record_format.describe(),
         "layout": RECORD_LAYOUT,
         "read_with": f"litdata.StreamingDataset(dir): one dict per record: {ITEM_KEYS[record_format.name]}",
-        "split": {"val_fraction": val_fraction, "seed": seed, "rule": RECORD_SPLIT_RULE},
+        "split": split_section(val_fraction, seed, RECORD_SPLIT_RULE, scan),
         "splits": entries,
         "documents": sum(entry["records"] for entry in entries.values()),
         "tokens": sum(entry["tokens"] for entry in entries.values()),
@@ -173,13 +222,10 @@ def _check_splits(record_format: RecordFormat, splits: dict[str, Any], val_fract
     """One-line errors for a split left with no usable record, naming the inputs, what was skipped and why."""
     train, _ = splits["train"]
     val, _ = splits["val"]
-    settings = ", ".join(f"{key}={value}" for key, value in record_format.settings().items() if value is not None)
     if train.records + val.records == 0:
-        skipped = reasons(train.skipped + val.skipped) or "no records"
-        inputs = ", ".join(units[:3]) + (f" and {len(units) - 3} more" if len(units) > 3 else "")
-        length = next((key for key in record_format.settings() if key.startswith("max_")), None)
-        fix = "check the records" + (f", or raise {length}" if length else "")
-        raise DataError(f"no usable {record_format.name} record in {inputs} at {settings} (skipped: {skipped}); {fix}")
+        raise _no_usable(record_format, units, train.skipped + val.skipped)
+    if val_fraction > 0 and train.records + val.records == 1:  # the pre-pass cannot see skips made while encoding
+        raise lone_item_error(val_fraction, f"usable {record_format.name} record", "val_fraction")
     if val_fraction > 0 and val.records == 0:
         raise DataError(
             f"val_fraction {val_fraction} held out none of the {train.records} usable {record_format.name} records; "
@@ -187,6 +233,16 @@ def _check_splits(record_format: RecordFormat, splits: dict[str, Any], val_fract
         )
     if train.records == 0:
         raise DataError(f"val_fraction {val_fraction} put all {val.records} records in val; lower val_fraction")
+
+
+def _no_usable(record_format: RecordFormat, units: list[str], skipped: Counter) -> DataError:
+    """The one-line error for inputs without a usable record, naming them, the settings and every skip reason."""
+    settings = ", ".join(f"{key}={value}" for key, value in record_format.settings().items() if value is not None)
+    inputs = ", ".join(units[:3]) + (f" and {len(units) - 3} more" if len(units) > 3 else "")
+    length = next((key for key in record_format.settings() if key.startswith("max_")), None)
+    fix = "check the records" + (f", or raise {length}" if length else "")
+    listed = reasons(skipped) or "no records"
+    return DataError(f"no usable {record_format.name} record in {inputs} at {settings} (skipped: {listed}); {fix}")
 
 
 def _prepare_error(message: str, details: str = "") -> Exception:

@@ -2,7 +2,8 @@
 corpus): read its records, parse them, pick their split, encode them in batches, hand training items to litdata.
 
 The split of a record is a pure function of its content and the seed (`records.held_out`), so every worker
-decides it alone. Validation items (a small share) are pickled to `val_dir/<unit>.pkl` and written as the val
+decides it alone; when the rule would hold out none, the `forced` hash picked before the work (`worker.scan_split`)
+is held out instead. Validation items (a small share) are pickled to `val_dir/<unit>.pkl` and written as the val
 split afterwards (`ValItems`), in unit order, without reading or encoding anything again. Each split's items are
 hashed as they are made (`item_digest`), per unit; the manifest's split digest is the sha256 of the units'
 digests in unit order, so it pins every item without reading the shards back.
@@ -53,6 +54,7 @@ class EncodeRecords:
     seed: int
     stats_dir: Path
     val_dir: Path
+    forced: int | None = None  # the split hash held out when the rule picks no record (`worker.scan_split`)
 
     def __call__(self, unit: int) -> Iterator[dict[str, Any]]:
         if failed(self.stats_dir):
@@ -69,7 +71,7 @@ class EncodeRecords:
                 if isinstance(parsed, str):  # unusable before any split is known: counted with train
                     batch.append((record.where, parsed or "unreadable record", "train"))
                 else:
-                    held = held_out(self.format.split_key(parsed), self.val_fraction, self.seed)
+                    held = held_out(self.format.split_key(parsed), self.val_fraction, self.seed, self.forced)
                     batch.append((record.where, parsed, "val" if held else "train"))
                 if len(batch) >= BATCH_RECORDS:
                     yield from self._encode(batch, counts, digests, val)

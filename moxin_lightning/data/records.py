@@ -47,14 +47,27 @@ BUILTIN_PREFIXES = ("builtin:", "builtin-chat:", "builtin-pairs:", "builtin-prom
 # ------------------------------------------------------------------------------------------------- the split
 
 
-def held_out(key: Messages, fraction: float, seed: int = 0) -> bool:
-    """Whether a record belongs to the validation split: a hash of its content (see `RECORD_SPLIT_RULE`), so the
-    split does not depend on file order, the number of workers or processes, and duplicates land together."""
-    if fraction <= 0:
-        return False
+def record_hash(key: Messages, seed: int = 0) -> int:
+    """The 64-bit value `RECORD_SPLIT_RULE` compares for a record's split key: it decides the split, and the smallest
+    one names the record held out when the rule picks none (`worker.scan_split`)."""
     text = "\x1e".join(f"{turn['role']}\x1f{turn['content']}" for turn in key).encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(f"{seed}\n".encode() + text).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big")
+
+
+def hash_held_out(value: int, fraction: float) -> bool:
+    """Whether `RECORD_SPLIT_RULE` holds out a record with split hash `value` (none at fraction 0)."""
+    return fraction > 0 and value / 2**64 < fraction
+
+
+def held_out(key: Messages, fraction: float, seed: int = 0, forced: int | None = None) -> bool:
+    """Whether a record belongs to the validation split: a hash of its content (see `RECORD_SPLIT_RULE`), so the
+    split does not depend on file order, the number of workers or processes, and duplicates land together.
+    `forced`: the split hash `prepare` holds out when the rule picks no record (see `worker.scan_split`)."""
+    if fraction <= 0:
+        return False
+    value = record_hash(key, seed)
+    return hash_held_out(value, fraction) or value == forced
 
 
 # --------------------------------------------------------------------------------------------- the template

@@ -2,7 +2,9 @@
 
 The split of a document is a pure function of its text and the seed (`is_validation`), so every worker decides
 it alone, duplicates of a document land in the same split (no exact train/val leakage), and the choice does
-not depend on the input order or the number of workers.
+not depend on the input order or the number of workers. When the hash rule would hold out none of a small
+corpus, `prepare` holds out the document(s) with the smallest hash instead (`scan_split`, before any work): the
+workers get that hash as `forced`.
 
 Every source is read and tokenized once. Training documents go straight to litdata; a unit's validation
 tokens (0.5% by default) are saved to `val_dir/<unit>.npz`, and `ValTokens` turns those files into the val
@@ -21,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +48,119 @@ SPLIT_RULE = (
 )
 
 
-def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
-    """Whether a document goes to the validation split (see `SPLIT_RULE`)."""
+AT_LEAST_ONE_RULE = (
+    "at least one held out: the rule held out none of the (at least 2) usable items, so the item(s) whose 64-bit "
+    "value under the rule is the smallest (hash, in hex; path: where the first one is) went to val"
+)
+
+
+def split_hash(text: str, seed: int = 0) -> int:
+    """The 64-bit value `SPLIT_RULE` compares for a document: it decides the split, and the smallest one names the
+    document held out when the rule picks none (`scan_split`)."""
+    digest = hashlib.blake2b(f"{seed}\n".encode() + text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def hash_in_val(value: int, val_fraction: float) -> bool:
+    """Whether `SPLIT_RULE` puts a document with split hash `value` in val (nothing does at fraction 0)."""
+    return val_fraction > 0 and value < val_fraction * 2**64
+
+
+def is_validation(text: str, val_fraction: float, seed: int = 0, forced: int | None = None) -> bool:
+    """Whether a document goes to the validation split (see `SPLIT_RULE`); `forced`: the split hash `prepare` holds
+    out when the rule picks no document (see `scan_split`)."""
     if val_fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}\n".encode() + text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < val_fraction * 2**64
+    value = split_hash(text, seed)
+    return hash_in_val(value, val_fraction) or value == forced
+
+
+@dataclass(frozen=True)
+class SplitItem:
+    """One usable item as the split pre-pass sees it: its split hash, whether the rule holds it out, where it is, and
+    what `usable` needs to confirm it (records: the parsed record)."""
+
+    value: int
+    held: bool
+    where: str
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class SplitScan:
+    """What the pre-pass over the inputs (`scan_split`) learned before any tokenizing.
+
+    `items`: the usable items read (all of them when `complete`); `held`: the hash rule holds out a usable one;
+    `forced`: the split hash to hold out instead, when it holds out none of at least 2 (`where`: the first such
+    item)."""
+
+    items: int
+    complete: bool
+    held: bool = False
+    forced: int | None = None
+    where: str = ""
+
+    @property
+    def lone(self) -> bool:
+        """The inputs hold exactly one usable item: a val split would leave nothing to train on."""
+        return self.complete and self.items == 1 and (self.held or self.forced is not None)
+
+
+def scan_split(items: Iterable[SplitItem], val: bool, usable: Callable[[Any], bool] | None = None) -> SplitScan:
+    """Read the items in input order until the split is known to need nothing more: with `val`, until the hash rule
+    holds out a usable item and at least 2 were seen (a corpus of real size: within a few hundred items), else
+    until the first item. Read to the end, it knows the count, and the usable item with the smallest split hash,
+    which is held out when the rule holds out none (common splitters round the held-out count up).
+
+    Everything here is a pure function of the inputs and the arguments, so every node of a multi-node run and any
+    number of workers make the same choice. `usable(payload)` confirms that an item survives encoding (records can
+    be cut or skipped there); it is asked only for held items and for each new smallest hash, a few times."""
+    confirm = usable or (lambda payload: True)
+    count, held, best = 0, False, None
+    iterator = iter(items)
+    try:
+        for item in iterator:
+            count += 1
+            if not val:
+                return SplitScan(count, complete=False)
+            if item.held and not held:
+                held = confirm(item.payload)
+            if held and count >= 2:
+                return SplitScan(count, complete=False, held=True)
+            if not held and not item.held and (best is None or item.value < best.value) and confirm(item.payload):
+                best = item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:  # a generator left mid-file closes its file now
+            close()
+    if held or best is None:
+        return SplitScan(count, complete=True, held=held)
+    return SplitScan(count, complete=True, forced=best.value, where=best.where)
+
+
+def lone_item_error(val_fraction: float, what: str, option: str) -> DataError:
+    """The one-line refusal of a val split of a single item (it would leave nothing to train on)."""
+    return DataError(f"val_fraction {val_fraction} with only 1 {what}: pass {option} 0 for no val split, or add more")
+
+
+def split_section(val_fraction: float, seed: int, rule: str, scan: SplitScan | None) -> dict[str, Any]:
+    """The manifest's `split`: the hash rule, and `forced_val` only when it was applied, so every dataset the rule
+    alone splits keeps the manifest (and fingerprint) it had before the at-least-one rule existed."""
+    section: dict[str, Any] = {"val_fraction": val_fraction, "seed": seed, "rule": rule}
+    if scan is not None and scan.forced is not None:
+        section["forced_val"] = {"rule": AT_LEAST_ONE_RULE, "hash": f"{scan.forced:016x}", "path": scan.where}
+    return section
+
+
+def announce_forced(scan: SplitScan, val_fraction: float, what: str) -> None:
+    """A console line when the at-least-one rule applies, so a small corpus's split is no surprise."""
+    if scan.forced is not None:
+        print(
+            f"prepare: val_fraction {val_fraction} held out none of the {scan.items} {what} by hash; holding out "
+            f"the one with the smallest hash ({scan.where}), recorded as split.forced_val in the manifest",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -113,6 +223,7 @@ class TokenizeUnits:
     seed: int
     stats_dir: Path
     val_dir: Path
+    forced: int | None = None  # the split hash held out when the rule picks no document (`scan_split`)
 
     def __call__(self, unit: int) -> Iterator[np.ndarray]:
         if failed(self.stats_dir):
@@ -160,7 +271,7 @@ class TokenizeUnits:
                 tokens[0], tokens[1:-1], tokens[-1] = bos, ids, eos
             else:
                 tokens = encode_long(self.tokenizer, text, frame=(bos, eos))
-            split = "val" if is_validation(text, self.val_fraction, self.seed) else "train"
+            split = "val" if is_validation(text, self.val_fraction, self.seed, self.forced) else "train"
             counts[split]["documents"] += 1
             counts[split]["tokens"] += tokens.size
             if split == "val":
