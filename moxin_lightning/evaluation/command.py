@@ -138,10 +138,8 @@ def hf_lm(
     batch_size: int = 8,
     max_length: int | None = None,
 ):
-    """lm-eval's HFLM on a Hugging Face folder, its SentencePiece tokenizer opened as HF's LlamaTokenizer.
-
-    The tokenizer is built here rather than by `AutoTokenizer`: for a `mistral` model type transformers first
-    probes for `mistral_common`, which fails when that package is installed without its dependencies."""
+    """lm-eval's HFLM on a Hugging Face folder, its SentencePiece tokenizer opened as HF's LlamaTokenizer (the
+    class the release's tokenizer_config.json names), so that both backends read the very same pieces."""
     import transformers
     from lm_eval.models.huggingface import HFLM
 
