@@ -126,7 +126,8 @@ class CheckpointPromotion(Callback):
         self.panels: list[Panel] = default_panels(self.curves)
         self.best: float | None = None
         self._failed = False
-        self._sanity_steps: int | float | None = None  # the trainer's setting while the sanity check is widened
+        self._at_start = False  # the sanity check running now is the whole validation of the starting weights
+        self._sanity_steps: int | None = None  # the trainer's setting, while this callback widened the check
 
     @property
     def state_key(self) -> str:
@@ -177,19 +178,24 @@ class CheckpointPromotion(Callback):
 
         Lightning reads `num_sanity_val_steps` when the check's loop starts, right after this hook; a resumed run
         (step > 0) keeps its setting and records nothing here."""
-        if self.validate_at_start and trainer.global_step == 0 and trainer.state.fn == TrainerFn.FITTING:
+        if not (self.validate_at_start and trainer.global_step == 0 and trainer.state.fn == TrainerFn.FITTING):
+            return
+        self._at_start = True
+        if math.isfinite(trainer.num_sanity_val_steps):  # already whole (-1, or widened by another callback)
             self._sanity_steps = trainer.num_sanity_val_steps
             trainer.num_sanity_val_steps = float("inf")
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Give the trainer its setting back (only what this callback changed)."""
         if self._sanity_steps is not None:
             trainer.num_sanity_val_steps, self._sanity_steps = self._sanity_steps, None
+        self._at_start = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
         if trainer.sanity_checking:  # the starting weights, when the check was widened to the whole set
-            if self._sanity_steps is not None:
+            if self._at_start:
                 self._record(trainer, self._metrics(per_step=False))
             return  # not a release: the untrained model is not the best of the phase
         self._record(trainer, self._metrics(per_step=False))

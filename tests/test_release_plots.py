@@ -244,6 +244,18 @@ def test_no_step_0_point_without_validate_at_start_or_without_a_sanity_check(tmp
         assert [s for s, _ in read_curves(tmp_path / name)["val"]] == [2, 4], name
 
 
+def test_two_promotions_both_get_step_0_and_the_trainer_gets_its_setting_back(tmp_path):
+    callbacks = [CheckpointPromotion(dirpath=str(tmp_path / name), include_code=False) for name in ("a", "b")]
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, val_check_interval=2, num_sanity_val_steps=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(pretrain(), datamodule=Tokens())
+    first, second = (read_curves(tmp_path / name)["val"] for name in ("a", "b"))
+    assert first == second and [s for s, _ in first] == [0, 2]
+    assert trainer.num_sanity_val_steps == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # DPO: reward accuracy and margin
 
