@@ -311,6 +311,24 @@ def test_failed_trials_are_recorded_with_their_last_stderr_line_and_the_sweep_go
     assert rows[0] == by_kind["ok"]
 
 
+def test_each_trial_prints_one_line_as_it_ends_with_its_number_parameters_and_metric(program, capsys):
+    """In the order the trials ran, each with its state, metric, parameters, seconds and folder; a failed trial's
+    line ends with why. The trial's own output stays in its folder."""
+    parameters = {"kind": {"values": ["ok", "crash"]}, "x": {"values": [1.5, 3.0]}}
+    rows = sweep(write_spec(program.parent, "lines", method="grid", parameters=parameters))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sweep lines: trial ")]
+    expected = {}
+    for row in rows:
+        x, ended = row["params"]["x"], f"[{row['duration_s']} s] {row['run_dir']}"
+        if row["params"]["kind"] == "ok":
+            expected[row["trial"]] = f"complete val/loss={objective(x):.6g} kind=ok x={x:g} {ended}"
+        else:
+            expected[row["trial"]] = (
+                f"failed kind=crash x={x:g} {ended} (exit 3: RuntimeError: simulated out of memory)"
+            )
+    assert printed == [f"sweep lines: trial {number} {expected[number]}" for number in range(4)]
+
+
 def test_a_grid_runs_each_point_once_and_a_rerun_continues_the_study(program, capsys):
     grid = {"x": {"values": [1.0, 2.0, 3.0]}, "kind": {"values": ["ok", "also"]}}
     file = write_spec(program.parent, "grid", method="grid", parameters=grid)

@@ -96,6 +96,19 @@ def print_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
+def trial_line(spec: SweepSpec, row: dict[str, Any]) -> str:
+    """The console line of a trial that just ended: number, state, metric, parameters (short names, as in the
+    table), seconds and folder, and why it failed or was pruned. A trial's own output goes to its stdout.log, so
+    without this line a sweep is silent for as long as its trials run."""
+    names = [p.name for p in spec.parameters if p.distribution is not None]
+    shown = zip(_short_names(names), names, strict=True)
+    params = " ".join(f"{short}={_format(row['params'][name])}" for short, name in shown if name in row["params"])
+    value = "" if row["value"] is None else f" {spec.metric}={_format(row['value'])}"
+    note = f" ({row['note']})" if row["note"] and row["state"] != "complete" else ""
+    ended = f"[{row['duration_s']} s] {row['run_dir']}{note}"
+    return f"sweep {spec.name}: trial {row['trial']} {row['state']}{value} {params} {ended}"
+
+
 def _short_names(names: list[str]) -> list[str]:
     """model.init_args.lr -> lr, unless two parameters would share the short name."""
     short = [name.rsplit(".", 1)[-1] for name in names]

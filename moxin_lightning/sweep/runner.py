@@ -19,7 +19,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
 from moxin_lightning.sweep.command import expand_command
-from moxin_lightning.sweep.results import print_table, trial_rows, write_results
+from moxin_lightning.sweep.results import print_table, trial_line, trial_rows, write_results
 from moxin_lightning.sweep.spec import SweepSpec
 from moxin_lightning.sweep.trial import TrialResult, run_trial
 
@@ -198,12 +198,7 @@ def _after_trial(spec: SweepSpec, folder: Path, study: optuna.Study, trial: optu
     rows = trial_rows(spec, study)
     write_results(spec, rows, folder)
     row = next(row for row in rows if row["trial"] == trial.number)
-    value = "" if row["value"] is None else f" {spec.metric}={row['value']:.6g}"
-    params = " ".join(f"{name}={value}" for name, value in row["params"].items())
-    note = f" ({row['note']})" if row["note"] and row["state"] != "complete" else ""
-    print(
-        f"trial {trial.number} {row['state']}{value} {params} [{row['duration_s']}s] {row['run_dir']}{note}", flush=True
-    )
+    print(trial_line(spec, row), flush=True)
     if spec.target is not None and row["state"] == "complete":
         reached = row["value"] <= spec.target if spec.goal == "minimize" else row["value"] >= spec.target
         if reached:

@@ -10,10 +10,12 @@ of them recomputes it, and the cached run holds no second model in memory.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from moxin_lightning.atomic import remove_stale_temporaries, written_file
 from moxin_lightning.first_use import cache_root
@@ -103,6 +105,16 @@ class DPO(TrainingTask):
             chosen, rejected, _, _ = self.pair_logps(self._reference, batch)
         return chosen, rejected
 
+    def batch_work(self, batch: dict[str, torch.Tensor]) -> tuple[int, float]:
+        """Tokens and model FLOPs of a training batch, for `TrainingSpeed` (whose default reads `input_ids`): the
+        chosen and rejected rows as `pair_logps` runs them, padded to one length, forward and backward; a frozen
+        reference adds a forward over the same rows (a third of the training FLOPs), a cached one nothing."""
+        chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
+        length = max(chosen.shape[1], rejected.shape[1])
+        tokens = (chosen.shape[0] + rejected.shape[0]) * length
+        passes = 1 + (1 / 3 if self.reference_kind == "model" else 0)
+        return tokens, tokens * self.model_config.flops_per_token(length) * passes
+
     # -- loss ----------------------------------------------------------------------------------------------
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +157,31 @@ class DPO(TrainingTask):
         return self.trainer.strategy.broadcast(key)
 
     def _cached_reference(self, data: Any, split: str) -> torch.Tensor:
+        """The split's reference log-probs: read from the cache, or scored now and cached. Either way one line
+        says so on the console, and scoring (minutes on a large set, with no bar of its own) says it is starting."""
         fingerprint = data.split_fingerprint(split) if hasattr(data, "split_fingerprint") else data.fingerprint
         path = self.cache_dir / f"{self._cache_key(fingerprint)}.pt"
         if path.is_file():
-            return torch.load(path, weights_only=True)
-        table = torch.full((data.pair_count(split), 2), float("nan"), device=self.device)
+            table = torch.load(path, weights_only=True)
+            rank_zero_info(f"DPO: reusing the reference log-probs of {len(table):,} {split} pairs cached in {path}")
+            return table
+        pairs, world = data.pair_count(split), self.trainer.world_size
+        processes = f" on {world} processes" if world > 1 else ""
+        rank_zero_info(f"DPO: scoring the reference on {pairs:,} {split} pairs{processes} (once, then cached)")
+        started = time.perf_counter()
+        table = self._score_reference(data, split, pairs)
+        if self.trainer.is_global_zero:
+            remove_stale_temporaries(path)
+            with written_file(path) as temporary:
+                torch.save(table, temporary)
+        self.trainer.strategy.barrier("reference log-probs cached")
+        seconds = time.perf_counter() - started
+        rank_zero_info(f"DPO: scored the reference on {pairs:,} {split} pairs in {seconds:.1f} s; cached in {path}")
+        return table
+
+    def _score_reference(self, data: Any, split: str, pairs: int) -> torch.Tensor:
+        """(pairs, 2) log-probs of chosen and rejected under the starting weights; each process scores its share."""
+        table = torch.full((pairs, 2), float("nan"), device=self.device)
         was_training = self.model.training
         self.model.eval()
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -164,11 +196,6 @@ class DPO(TrainingTask):
         table = table.cpu()
         if torch.isnan(table).any():
             raise ValueError(f"reference log-probs are missing for some {split} pairs; the data loader skipped them")
-        if self.trainer.is_global_zero:
-            remove_stale_temporaries(path)
-            with written_file(path) as temporary:
-                torch.save(table, temporary)
-        self.trainer.strategy.barrier("reference log-probs cached")
         return table
 
 

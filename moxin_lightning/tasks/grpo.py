@@ -101,6 +101,7 @@ class GRPO(TrainingTask):
         )
         self._reference: Transformer | None = None
         self._rollout_seed = 0
+        self._trained_rows = (0, 0)  # (rollouts, row length) of the last training step, for batch_work
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -208,6 +209,7 @@ class GRPO(TrainingTask):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         total = rollouts.input_ids.shape[0]
         size = self.micro_batch_size or total
+        self._trained_rows = tuple(rollouts.input_ids.shape)
         for _ in range(self.epochs_per_batch):
             optimizer.zero_grad()
             for start in range(0, total, size):
@@ -221,6 +223,17 @@ class GRPO(TrainingTask):
         stats["generation_share"] = stats.pop("generation_seconds") / (time.perf_counter() - step_started)
         for name, value in stats.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "reward_mean")
+
+    def batch_work(self, batch: dict[str, Any]) -> tuple[int, float]:
+        """Tokens and model FLOPs of the last training step, for `TrainingSpeed` (the batch holds only prompts):
+        the rollout rows (prompt + completion, padded) trained forward and backward in each of `epochs_per_batch`
+        passes, plus one forward over the same rows each for sampling them (prefill and KV-cached decoding), for
+        the log-probs they were sampled with (several passes only) and for the frozen reference (beta > 0)."""
+        rows, length = self._trained_rows
+        tokens = rows * length
+        forwards = 1 + (self.epochs_per_batch > 1) + (self._reference is not None)
+        passes = self.epochs_per_batch + forwards / 3  # a forward is a third of a forward and backward
+        return tokens * self.epochs_per_batch, tokens * self.model_config.flops_per_token(length) * passes
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)  # gradients / global count of the step, or a skip

@@ -30,6 +30,7 @@ class LocalTokenizer(SentencePieceTokenizer):
         def train(output: Path) -> None:
             train_tokenizer(corpus, vocab_size, output, progress=False, overwrite=True, minloglevel=2)
 
-        build_once(folder, lambda f: (f / "tokenizer.model").is_file(), train)
+        what = f"training a {vocab_size:,}-piece tokenizer on {corpus}"
+        build_once(folder, lambda f: (f / "tokenizer.model").is_file(), train, what=what)
         super().__init__(folder / "tokenizer.model")
         self.corpus = corpus
