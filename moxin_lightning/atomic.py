@@ -25,7 +25,11 @@ def staging_folder(output: Path) -> Path:
 
 
 def swap_into_place(staging: Path, output: Path) -> None:
-    """Rename the finished `staging` to `output`; an existing `output` is removed only after that succeeded."""
+    """Rename the finished `staging` to `output`; an existing `output` is removed only after that succeeded.
+
+    Its files first get the permissions the user's umask gives any new file: some writers create private files
+    (safetensors writes its weights 0600), and a release or dataset must be as readable by the group as the rest."""
+    honour_umask(staging)
     if not output.exists():
         staging.rename(output)
         return
@@ -59,6 +63,20 @@ def written_file(output: Path) -> Iterator[Path]:
         os.replace(temporary, output)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def honour_umask(folder: Path) -> None:
+    """Add to every file under `folder` the bits the umask allows: read and write, and execute where the owner has
+    it (folders, scripts), as a file created anew with the umask would have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o7777
+        wanted = mode | (0o666 & ~mask) | (0o111 & ~mask if mode & 0o100 else 0)
+        if wanted != mode:
+            path.chmod(wanted)
 
 
 def remove_stale_temporaries(output: Path) -> None:
