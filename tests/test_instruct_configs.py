@@ -222,9 +222,11 @@ def test_the_overlays_checkpoint_every_50_steps_and_keep_the_rest_of_each_callba
     assert checkpoint["save_last"] is True
     assert checkpoint["save_top_k"] == original["save_top_k"]  # from the full config (SFT: -1, DPO: default 1)
     assert checkpoint["dirpath"] == original["dirpath"] == f"{alone['trainer']['default_root_dir']}/checkpoints"
-    promotion = callback(config, PROMOTION)
-    assert promotion == callback(alone, PROMOTION)  # the release's folder and name stay the full config's
-    assert promotion["name"] in ("moxin-7b-sft", "moxin-7b-instruct")
+    promotion, full_promotion = callback(config, PROMOTION), callback(alone, PROMOTION)
+    # the release's folder stays the full config's; its name says it is a tiny local run, not Moxin-7B's
+    assert {**promotion, "name": None} == {**full_promotion, "name": None}
+    assert full_promotion["name"] in ("moxin-7b-sft", "moxin-7b-instruct")
+    assert promotion["name"] == f"moxin-tiny-9m-local-{alone['trainer']['logger']['init_args']['name']}"
 
 
 # -- the chain on a CPU -----------------------------------------------------------------------------------
@@ -290,7 +292,7 @@ def test_the_instruct_chain_runs_on_a_cpu_pretraining_then_sft_then_dpo(tmp_path
     assert sft["train"][0][0] == 1
     assert sft["train"][0][1] == pytest.approx(float(loss_sum / tokens), rel=1e-5)
     assert sft["train"][0][1] < math.log(4096) - 1  # trained weights: an untrained model scores ~ln 4096
-    (first, val_first), (last, val_last) = sft["val"]
+    _, (first, val_first), (last, val_last) = sft["val"]
     assert (first, last) == (30, 60)
     assert val_last < val_first < math.log(4096) - 1, sft["val"]
 

@@ -450,7 +450,7 @@ def test_a_real_fit_trial_reports_the_val_loss_the_run_logged(tmp_path, monkeypa
     assert row["state"] == "complete", row["note"]
     release = Path(row["run_dir"]) / "release"  # sweeps/trial.yaml put the run in the trial's folder
     curves = json.loads((release / "loss_curves.json").read_text())
-    assert [step for step, _ in curves["val"]] == [2, 4]
+    assert [step for step, _ in curves["val"]] == [0, 2, 4]  # 0: the starting weights
     assert row["value"] == pytest.approx(curves["val"][-1][1], rel=1e-6)
     assert yaml.safe_load((release / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.002
     assert list((Path(row["run_dir"]) / "wandb").glob(f"offline-run-*-{row['run_id']}"))  # a logged W&B run
