@@ -239,9 +239,12 @@ def test_default_output_sits_beside_the_checkpoint(release, tmp_path, capsys):
             "0",
         ]
     )
-    written = json.loads((release / "eval" / "moxin-moxin_local_arith_mc.json").read_text())
+    before = sorted(path.name for path in release.iterdir())
+    beside = release.resolve().with_name(release.name + "-eval") / "moxin-moxin_local_arith_mc.json"
+    written = json.loads(beside.read_text())
     assert written["n-samples"]["moxin_local_arith_mc"] == {"original": 40, "effective": 2}
-    assert "wrote " + str(release / "eval" / "moxin-moxin_local_arith_mc.json") in capsys.readouterr().err
+    assert "wrote " + str(beside) in capsys.readouterr().err
+    assert sorted(path.name for path in release.iterdir()) == before  # the release itself is left as promoted
 
 
 def test_input_errors_are_one_line_and_exit_2(release, tmp_path, capsys):

@@ -31,10 +31,14 @@ BACKENDS = ("moxin", "hf")
 
 
 def default_output(checkpoint: Path, backend: str, names: list[str]) -> Path:
-    """`<checkpoint folder>/eval/<backend>-<tasks>.json` (the folder of a `.ckpt` file is its parent)."""
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    """Beside the checkpoint, never inside it: `<folder>-eval/<backend>-<tasks>.json` for a folder (a release is
+    replaced whole by the next promotion, and its contents are what its fingerprints and model card describe),
+    `<folder of the .ckpt>/eval/<file stem>-<backend>-<tasks>.json` for a checkpoint file."""
     tasks = re.sub(r"[^A-Za-z0-9._+-]+", "_", "+".join(names))[:120]
-    return folder / "eval" / f"{backend}-{tasks}.json"
+    if checkpoint.is_dir():
+        folder = checkpoint.resolve()
+        return folder.with_name(f"{folder.name}-eval") / f"{backend}-{tasks}.json"
+    return checkpoint.parent / "eval" / f"{checkpoint.stem}-{backend}-{tasks}.json"
 
 
 def run_eval(
@@ -205,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--backend", default="moxin", choices=BACKENDS, help="moxin: our backbone; hf: lm-eval's HFLM")
     parser.add_argument(
-        "--output", default=None, help="results JSON (default: <checkpoint folder>/eval/<backend>-<tasks>.json)"
+        "--output", default=None, help="results JSON (default: beside the checkpoint, in <folder>-eval/)"
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer for a checkpoint that holds none")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
