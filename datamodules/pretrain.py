@@ -186,6 +186,15 @@ class PretrainData(L.LightningDataModule):
         return self.manifests
 
     def setup(self, stage: str | None = None) -> None:
+        self._check(self._model_config())
+
+    def check_before_start(self, model_config: Any) -> None:
+        """Everything `setup` refuses, before any logger or model starts (`moxin_lightning.preflight`): built-in
+        corpora are prepared on first use, then the datasets are checked against each other and the model."""
+        self.prepare_data()
+        self._check(model_config)
+
+    def _check(self, model_config: Any) -> None:
         self._read_manifests()
         tokenizers = {m["tokenizer"]["fingerprint"] for m in self.manifests}
         if len(tokenizers) > 1:
@@ -195,7 +204,6 @@ class PretrainData(L.LightningDataModule):
                 f"the datasets were prepared with tokenizer {tokenizers.pop()[:12]} but data.tokenizer is "
                 f"{self._tokenizer.fingerprint[:12]}; prepare the data with this tokenizer or drop data.tokenizer"
             )
-        model_config = self._model_config()
         if model_config is not None:
             self.max_seq_len = self.max_seq_len or model_config.max_seq_len
             self.vocab_size = self.vocab_size or model_config.vocab_size

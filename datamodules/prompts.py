@@ -98,8 +98,8 @@ class PromptData(RecordData):
         self._check_setting(folder, records, "max_prompt_length", self.max_prompt_length, "max_prompt_length")
         self._check_setting(folder, records, "instruction", self.instruction, "instruction")
 
-    def _model_limits(self) -> None:
-        super()._model_limits()
+    def _model_limits(self, config: Any) -> None:
+        super()._model_limits(config)
         if self.max_seq_len is not None and self.max_prompt_length >= self.max_seq_len:
             raise ValueError(
                 f"max_prompt_length={self.max_prompt_length} leaves no room for a response in the model's "

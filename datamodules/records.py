@@ -285,12 +285,29 @@ class RecordData(L.LightningDataModule, ABC):
     # -- setup ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        self._model_limits()
+        self._model_limits(self._attached_model_config())
         if self.streams:
             return
         self.prepare_data()  # a no-op when Lightning already ran it (or the folders are prepared)
+        for split, (folder, inside) in self._checked_plan().items():
+            self.streams[split] = IndexedDataset(
+                _join(folder, inside), shuffle=self.shuffle and split == "train", seed=self.seed
+            )
+        rank_zero_info(self.summary())
+
+    def check_before_start(self, model_config: Any) -> None:
+        """Everything `setup` refuses, before any logger or model starts (`moxin_lightning.preflight`): raw
+        records are prepared on first use, then the folders are checked against this run and the model's limits.
+        No stream is opened: the processes of a distributed run are not connected yet."""
+        self._model_limits(model_config)
+        self.prepare_data()
+        self._checked_plan()
+
+    def _checked_plan(self) -> dict[str, tuple[str, str]]:
+        """The split plan, every folder's manifest checked against the run (and recorded), every split usable."""
         self.manifests, self.datasets = [], []
-        for split, (folder, inside) in self._plan().items():
+        plan = self._plan()
+        for split, (folder, inside) in plan.items():
             data = self._checked_manifest(folder)
             if folder not in self.datasets:
                 self.datasets.append(folder)
@@ -298,10 +315,7 @@ class RecordData(L.LightningDataModule, ABC):
                 check_dataset(folder, data)  # counts, chunk files and their sizes against the manifest
             if not data["splits"].get(inside, {}).get("records"):
                 raise ValueError(self._nothing_usable(split, data, inside))
-            self.streams[split] = IndexedDataset(
-                _join(folder, inside), shuffle=self.shuffle and split == "train", seed=self.seed
-            )
-        rank_zero_info(self.summary())
+        return plan
 
     def _checked_manifest(self, folder: str) -> dict[str, Any]:
         """The prepared folder's manifest, refused (one line) when it does not fit this run."""
@@ -349,10 +363,12 @@ class RecordData(L.LightningDataModule, ABC):
             f"--{flag} {value}, or set {key}={prepared!r}"
         )
 
-    def _model_limits(self) -> None:
-        """Take the model's limits from the attached task; refuse a model the data cannot feed."""
+    def _attached_model_config(self) -> Any:
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        config = getattr(module, "model_config", None)
+        return getattr(module, "model_config", None)
+
+    def _model_limits(self, config: Any) -> None:
+        """Take the model's limits from its config (when known); refuse a model the data cannot feed."""
         if config is not None:
             self.max_seq_len = self.max_seq_len or config.max_seq_len
             self.vocab_size = self.vocab_size or config.vocab_size

@@ -24,6 +24,7 @@ from moxin_lightning.checkpoint_io import AtomicCheckpointIO, CheckpointWriteErr
 from moxin_lightning.config_checks import check_batch_sizes, check_config_files
 from moxin_lightning.errors import USER_ERRORS, exit_with
 from moxin_lightning.preemption import EXIT_PREEMPTED, SaveOnPreemption
+from moxin_lightning.preflight import check_before_start
 from moxin_lightning.resume import ApplyResumeSettings
 from moxin_lightning.run_folder import RunFolder, check_length, check_rerun, is_first_process
 from moxin_lightning.tasks.base import TrainingTask
@@ -98,6 +99,7 @@ class MoxinCLI(LightningCLI):
     def before_fit(self) -> None:
         self._attach_config()
         self.trainer.callbacks += [ApplyResumeSettings(self.config["fit"]["ckpt_path"]), SaveOnPreemption()]
+        check_before_start(self.trainer, self.model, self.datamodule)  # before any logger or model starts
         self._claim_run_folder()
 
     def after_fit(self) -> None:

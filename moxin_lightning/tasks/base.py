@@ -197,14 +197,7 @@ class TrainingTask(L.LightningModule):
         if not math.isfinite(total):
             raise ValueError("the run has no length: set trainer.max_steps (pretraining streams one endless epoch)")
         total = int(total)
-        warmup = round(hp.warmup_ratio * total) if hp.warmup_ratio is not None else hp.warmup_steps
-        check_schedule(
-            hp.schedule,
-            warmup_steps=warmup,
-            total_steps=total,
-            min_lr_ratio=hp.min_lr_ratio,
-            decay_ratio=hp.decay_ratio,
-        )
+        warmup = self.check_schedule(total)
         factor = partial(
             lr_factor,
             total_steps=total,
@@ -214,6 +207,23 @@ class TrainingTask(L.LightningModule):
             decay_ratio=hp.decay_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
+
+    def check_schedule(self, total_steps: int) -> int:
+        """The warmup steps of a run of `total_steps` optimizer steps; one-line errors for optimizer and schedule
+        settings that would fail or silently train with a wrong learning rate. `moxin_lightning.preflight` calls
+        it before any logger or model starts (when max_steps gives the length), `configure_optimizers` again."""
+        hp = self.hparams
+        if not hp.lr > 0:
+            raise ValueError(f"model.init_args.lr={hp.lr} must be > 0 (the peak learning rate)")
+        warmup = round(hp.warmup_ratio * total_steps) if hp.warmup_ratio is not None else hp.warmup_steps
+        check_schedule(
+            hp.schedule,
+            warmup_steps=warmup,
+            total_steps=total_steps,
+            min_lr_ratio=hp.min_lr_ratio,
+            decay_ratio=hp.decay_ratio,
+        )
+        return warmup
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the per-unit losses, number of units) of one micro-batch; units are tokens for pretraining.
