@@ -103,7 +103,8 @@ def _data_list(release: Release) -> str:
 
 def _how_to_load(output: Path) -> str:
     return (
-        "## How to load\n\nWith Hugging Face transformers:\n\n```python\n"
+        "## How to load\n\nWith Hugging Face transformers (`pip install transformers`; moxin_lightning's `dev` extra "
+        "has it):\n\n```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{output}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{output}")  # when the release holds tokenizer.model\n```\n\n'
