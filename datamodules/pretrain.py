@@ -253,7 +253,9 @@ class PretrainData(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------
 
-    def _loaders(self, split: str, shuffle: bool, only: list[int] | None = None) -> list[StreamingDataLoader]:
+    def _loaders(
+        self, split: str, shuffle: bool, only: list[int] | None = None, docs_per_read: int | None = None
+    ) -> list[StreamingDataLoader]:
         limit = self._read_manifests()[0]["tokenizer"]["vocab_size"]  # ids the data's tokenizer can make
         if self.vocab_size is not None:
             limit = min(limit, self.vocab_size)
@@ -262,7 +264,7 @@ class PretrainData(L.LightningDataModule):
                 CheckedDocuments(
                     _split_dir(path, split), dataset=path, vocab_size=limit, shuffle=shuffle, seed=self.seed
                 ),
-                batch_size=self.docs_per_read,
+                batch_size=docs_per_read or self.docs_per_read,
                 num_workers=self.num_workers,
                 collate_fn=_keep_list,
             )
@@ -284,13 +286,15 @@ class PretrainData(L.LightningDataModule):
     def val_dataloader(self) -> FixedBatches:
         """The first `val_batches` batches of the held-out splits, the same every time.
 
-        Datasets prepared with `--val_fraction 0` have no held-out split and take no part; with none left,
-        there is no validation."""
+        The mixture is drawn one document at a time, so the validation set is a weighted mix of every dataset's
+        held-out documents: with `docs_per_read` documents per draw, a small held-out split (the built-in corpora's)
+        was read whole by the first draw and validation scored one dataset only. Datasets prepared with
+        `--val_fraction 0` have no held-out split and take no part; with none left, there is no validation."""
         with_val = [i for i, m in enumerate(self._read_manifests()) if m.get("splits", {}).get("val", {}).get("tokens")]
         if not with_val:
             return FixedBatches([])
         stream = PackedStream(
-            self._loaders("val", shuffle=False, only=with_val),
+            self._loaders("val", shuffle=False, only=with_val, docs_per_read=1),
             self.weights[with_val] / self.weights[with_val].sum(),
             seed=self.seed,
             batch_size=lambda: self.val_shape[0],

@@ -88,6 +88,18 @@ def test_validation_is_the_held_out_split_and_repeatable(data_dirs):
     assert np.array_equal(inputs, stream_of(data_dirs[0], "val")[: len(inputs)])
 
 
+def test_validation_mixes_every_dataset_in_proportion_document_by_document(data_dirs):
+    """Two datasets weighted 3:1, whose held-out splits (20 documents each) are smaller than one read of
+    `docs_per_read` documents: validation still scores both, in about the weights' proportion."""
+    data = module(data_dirs, weights=[0.75, 0.25], val_batches=6, docs_per_read=64)
+    body = torch.cat([b["input_ids"].flatten() for b in data.val_dataloader()])
+    body = body[body > 2]  # the documents' bodies: A's ids are 3..99, B's 100..199
+    share_a = float((body < 100).float().mean())
+    assert 0.6 < share_a < 0.9, share_a
+    bodies = [stream_of(folder, "val") for folder in data_dirs]
+    assert set(body.tolist()) <= set(np.concatenate(bodies).tolist())
+
+
 def test_a_held_out_split_shorter_than_one_batch_is_a_one_line_error(data_dirs):
     data = module(data_dirs[:1], seq_len=64, batch_size=64)  # 4,097 tokens per batch; the split holds far fewer
     held_out = data.manifests[0]["splits"]["val"]["tokens"]
