@@ -198,7 +198,7 @@ def test_the_local_chain_changes_between_phases_what_the_real_chain_changes():
     assert local["phase2"]["data"]["init_args"]["datasets"] == ["builtin:local?max_mb=3"]
     phase3 = local["phase3"]["data"]["init_args"]
     assert (phase3["datasets"], phase3["weights"]) == (["builtin:prose?max_mb=8", "builtin:local?max_mb=3"], [0.5, 0.5])
-    assert [local[p]["trainer"]["max_steps"] for p in PHASES] == [300, 150, 100]
+    assert [local[p]["trainer"]["max_steps"] for p in PHASES] == [300, 150, 200]
 
 
 # -- merging, flags, interpolation -------------------------------------------------------------------------
@@ -448,7 +448,7 @@ def test_the_readme_job_trains_phase1_on_a_cpu_and_the_local_chain_extends_it(tm
 
     phase3_seconds = run("fit", *configs(PHASES["phase3"], LOCAL, ROOT / "conf" / "phase3-local.yaml"))
     phase3 = curves(work / "runs" / "phase3" / "release")
-    assert [step for step, _ in phase3["val"]] == [0, 50, 100]
+    assert [step for step, _ in phase3["val"]] == [0, 50, 100, 150, 200]
     assert phase3["val"][-1][1] < phase3["val"][0][1], phase3["val"]
     print(
         f"\nphase 1 (local overlay, first use included): {phase1_seconds:.0f} s; val/loss {[round(v, 3) for v in val]}"
