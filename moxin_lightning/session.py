@@ -2,10 +2,11 @@
 
 `generate.generate` runs a batch from prompt to end in one call. A terminal session needs more: tokens shown
 as they are sampled (`stream` is a generator), and in chat mode the conversation's cache kept between turns,
-so each turn prefills only its new tokens (`feed`). The session remembers every token it has cached
-(`history`); `continue_with` keeps the longest cached prefix of a re-encoded conversation and prefills the
-rest, and starts over only when the two diverge (e.g. a reply cut at the token limit, which the template then
-closes with EOS) - a rolling buffer cannot rewind.
+so each turn prefills only its new tokens (`feed`). Prefill, the decode step, the draw and the vocabulary guard
+are `moxin_lightning.decoding`'s own, so a session decodes exactly as `generate` does. The session remembers
+every token it has cached (`history`); `continue_with` keeps the longest cached prefix of a re-encoded
+conversation and prefills the rest, and starts over only when the two diverge (e.g. a reply cut at the token
+limit, which the template then closes with EOS) - a rolling buffer cannot rewind.
 
 `TextStream` turns the token stream into text pieces: SentencePiece decodes a token differently depending on
 its neighbours (the word-start space, multi-byte characters spelled in byte tokens), so it decodes the whole
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from moxin_lightning.generate import _check_request, _decode_step, _pick, within_vocabulary
+from moxin_lightning.decoding import Sampling, check_request, decode_step, pick, prefill, within_vocabulary
 from moxin_lightning.model.cache import RollingKVCache
 from moxin_lightning.model.transformer import Transformer
 from moxin_lightning.tokenizers import Tokenizer
@@ -61,15 +62,8 @@ class DecodeSession:
             return
         self._check_room(len(self.history) + len(ids))
         cache = self._ensure_cache()
-        chunk = self.prefill_chunk or cache.slots
-        device = next(self.model.parameters()).device
-        for start in range(0, len(ids), chunk):
-            piece = torch.tensor([ids[start : start + chunk]], dtype=torch.long, device=device)
-            offset = len(self.history)
-            positions = torch.arange(offset, offset + piece.shape[1], device=device).unsqueeze(0)
-            hidden = self.model.hidden_states(piece, positions=positions, cache=cache)
-            self._logits = self.model.lm_head(hidden[:, -1]).float()
-            self.history.extend(ids[start : start + chunk])
+        self._logits = prefill(self.model, [ids], cache, self.prefill_chunk or cache.slots, [len(self.history)])
+        self.history.extend(ids)
 
     def continue_with(self, ids: list[int]) -> None:
         """Make the cached sequence equal `ids`: keep the common prefix when all of the cache is in it, else
@@ -96,13 +90,14 @@ class DecodeSession:
         if self._logits is None:
             raise ValueError("feed the session a prompt (at least the BOS id) before sampling")
         self._flush_pending()
-        _check_request([self.history], max_new_tokens, temperature, top_p, top_k, self.model.config.vocab_size)
+        sampling = Sampling(temperature, top_p, top_k, eos_id, self.vocab_limit)
+        check_request([self.history], max_new_tokens, sampling, self.model.config.vocab_size)
         room = self.max_len - len(self.history)
         if room < 1:
             raise ValueError(f"the sequence already fills max_seq_len={self.max_len}; start a new one")
         for index in range(min(max_new_tokens, room)):
             logits = within_vocabulary(self._logits, self.vocab_limit)
-            token = int(_pick(logits, temperature, top_p, top_k, generator)[0])
+            token = int(pick(logits, temperature, top_p, top_k, generator)[0])
             self._pending = token
             yield token
             if token == eos_id or index + 1 == min(max_new_tokens, room):
@@ -118,7 +113,7 @@ class DecodeSession:
         device = next(self.model.parameters()).device
         positions = torch.tensor([[len(self.history)]], device=device)
         with torch.inference_mode():
-            step = _decode_step(self.model, self.compile)
+            step = decode_step(self.model, self.compile)
             self._logits = step(torch.tensor([[token]], device=device), positions, cache.prepare(positions), cache)
             cache.commit()
         self.history.append(token)

@@ -46,6 +46,32 @@ class RollingKVCache:
         """Bytes held by keys and values (the per-slot position index, B x slots int64, is bookkeeping)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    @property
+    def batch_size(self) -> int:
+        return self.slot_position.shape[0]
+
+    @staticmethod
+    def bytes_per_row(config: ModelConfig, max_len: int, dtype: torch.dtype) -> int:
+        """What `nbytes` counts for one row (one sequence) of a cache for `max_len` tokens, allocating nothing."""
+        return RollingKVCache(config, 1, max_len=max_len, dtype=dtype, device="meta").nbytes
+
+    def copy_rows(self, source: RollingKVCache, source_rows: list[int], rows: list[int]) -> None:
+        """Make `rows` hold what `source_rows` of `source` hold (keys, values, slot positions): a prompt prefilled
+        once in a small cache is handed to the rows that continue it. Both caches need the same slot count."""
+        if source.slots != self.slots:
+            raise ValueError(f"cannot copy rows of a {source.slots}-slot cache into a {self.slots}-slot one")
+        src = torch.tensor(source_rows, dtype=torch.long, device=self.slot_position.device)
+        dst = torch.tensor(rows, dtype=torch.long, device=self.slot_position.device)
+        for mine, theirs in zip((*self.keys, *self.values), (*source.keys, *source.values), strict=True):
+            mine.index_copy_(0, dst, theirs.index_select(0, src))
+        self.slot_position.index_copy_(0, dst, source.slot_position.index_select(0, src))
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Empty `rows` (every slot -1), so they can start a new sequence at any position; keys and values are
+        left in place, as an empty slot is never attended to."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.slot_position.device)
+        self.slot_position.index_fill_(0, index, -1)
+
     def prepare(self, positions: torch.Tensor) -> AttentionLayout:
         """Plan a step for tokens at `positions` (B, T), -1 marking padding; returns its attention layout."""
         if positions.shape[0] != self.slot_position.shape[0]:
