@@ -97,3 +97,27 @@ def test_the_step_does_not_depend_on_how_rollouts_are_split():
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="group_size=1: group-relative advantages need at least 2 completions"):
         grpo(group_size=1)
+
+
+def test_rollouts_run_in_budgeted_slots_with_one_prefill_per_prompt_and_log_engine_stats():
+    """4 prompts x 8 completions of up to 3 tokens in the 4 slots a 5-row budget holds (one row stages the
+    prefill): each prompt is prefilled once, and the step logs the engine's numbers."""
+    from moxin_lightning.model import RollingKVCache
+
+    probe = grpo()
+    row = RollingKVCache.bytes_per_row(probe.model_config, 2 + 3, torch.float32)
+    task = grpo(max_response_length=3, rollout_kv_budget_bytes=5 * row)
+    metrics = {}
+
+    class Keep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics.update({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Keep()],
+    )  # fmt: skip
+    trainer.fit(task, Prompts())
+    assert metrics["train/rollout_slots"] == 4 and metrics["train/prefill_tokens"] == 2 * len(PROMPTS)
+    assert 0 < metrics["train/slot_occupancy"] <= 1
+    assert metrics["train/generation_tokens_per_s"] > 0 and 0 < metrics["train/generation_share"] < 1

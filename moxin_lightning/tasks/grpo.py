@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from moxin_lightning.decoding import DEFAULT_KV_BUDGET_BYTES
 from moxin_lightning.generate import sample
 from moxin_lightning.losses import IGNORE_INDEX, group_advantages, grpo_loss
 from moxin_lightning.model.transformer import Transformer
@@ -53,6 +54,11 @@ class GRPO(TrainingTask):
         epochs_per_batch: optimisation passes (optimizer steps) over each batch of rollouts.
         micro_batch_size: rollouts per forward/backward within a pass (the step's gradient does not depend on it).
         max_grad_norm: clipping of each optimizer step's global gradient norm (None: no clipping).
+        rollout_kv_budget_bytes: KV-cache memory per process for the rollouts (`moxin_lightning.decoding`): it sets
+            how many rollouts decode at once; the rest wait and take the slot of the next one that ends. Each
+            prompt is prefilled once for its G completions, and draws never go past the tokenizer's vocabulary.
+            Logged per step: `generation_tokens_per_s`, `slot_occupancy` (live rows / slots over decode steps),
+            `generation_share` of the step.
         **kwargs: the shared settings of `TrainingTask`; `conf/grpo.yaml` sets Moxin-Reasoning's.
     """
 
@@ -80,6 +86,7 @@ class GRPO(TrainingTask):
         epochs_per_batch: int = 1,
         micro_batch_size: int | None = None,
         max_grad_norm: float | None = 1.0,
+        rollout_kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
         **kwargs: Any,
     ) -> None:
         if group_size < 2:
@@ -99,6 +106,7 @@ class GRPO(TrainingTask):
             micro_batch_size,
             max_grad_norm,
         )
+        self.rollout_kv_budget_bytes = rollout_kv_budget_bytes
         self._reference: Transformer | None = None
         self._rollout_seed = 0
         self._trained_rows = (0, 0)  # (rollouts, row length) of the last training step, for batch_work
@@ -149,6 +157,8 @@ class GRPO(TrainingTask):
             temperature=self.temperature,
             top_p=self.top_p,
             eos_id=eos,
+            vocab_limit=tokenizer.vocab_size,  # a padded vocabulary's extra ids have no text
+            kv_budget_bytes=self.rollout_kv_budget_bytes,
             seed=self.hparams.seed * 1_000_003 + self._rollout_seed * 97 + self.global_rank,
         )
         if sharded:
@@ -179,6 +189,9 @@ class GRPO(TrainingTask):
             "completion_length": lengths.mean().item(),
             "truncation_rate": sum(truncated) / len(truncated),
             "generation_tokens_per_s": lengths.sum().item() / max(generation_seconds, 1e-9),
+            "slot_occupancy": generation.stats.occupancy,
+            "rollout_slots": float(generation.stats.slots),
+            "prefill_tokens": float(generation.stats.prefill_tokens),
             "generation_seconds": generation_seconds,
         }
         failures = sum(self.reward.last_failures.values()) if hasattr(self.reward, "last_failures") else 0
