@@ -40,6 +40,7 @@ from typing import Any
 
 import common
 import lightning as L
+import rollout_lengths
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -67,7 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rollout calls per model first")
     parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps (means reported)")
     parser.add_argument("--grpo_warmup", type=int, default=1, help="untimed GRPO steps first")
-    parser.add_argument("--skip_grpo", action="store_true", help="only the rollout case")
+    parser.add_argument("--skip_grpo", action="store_true", help="leave out the GRPO step case")
+    parser.add_argument("--skip_varied", action="store_true", help="leave out the varied-length and roofline cases")
+    parser.add_argument(
+        "--slots", type=int, default=None, help="varied case: KV budget for this many rows (default: a quarter)"
+    )
     parser.add_argument("--attention", default="sdpa", help="our attention kernel (ModelConfig.attention)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -338,6 +343,31 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.warmup} warmup + median of {args.repeats} interleaved calls",
         flush=True,
     )
+    if not args.skip_varied:
+        args.slots = args.slots or max(1, args.prompts * args.group // 4)
+        v = rollout_lengths.varied_case(args, config, random_prompts(args, config))
+        rows.append(v)
+        rate, ratio = v["tokens_per_s"], v["ratio_over_hf"]
+        print(
+            f"varied lengths (total {v['lengths']['total']} tokens, median {v['lengths']['median']}, "
+            f"{v['lengths']['at_limit']} of {v['rows']} rows at the limit): HF {rate['hf']:.1f} tok/s; ours with "
+            f"every row at once {rate['ours_all_rows']:.1f} tok/s ({ratio['ours_all_rows']:.2f}x HF, occupancy "
+            f"{v['occupancy']['ours_all_rows']:.2f}); ours with {v['slots']['ours_slots']} slots "
+            f"{rate['ours_slots']:.1f} tok/s ({ratio['ours_slots']:.2f}x HF, occupancy "
+            f"{v['occupancy']['ours_slots']:.2f}, peak KV {v['peak_kv_bytes']['ours_slots'] / 2**20:.2f} MiB of a "
+            f"{v['kv_budget_bytes']['ours_slots'] / 2**20:.2f} MiB budget; prefill tokens "
+            f"{v['prefill_tokens']['ours_slots']} for {v['rows']} rows)",
+            flush=True,
+        )
+        roof = rollout_lengths.roofline_case(args, config, random_prompts(args, config)[0].tolist())
+        rows.append(roof)
+        print(
+            f"decode at batch 1: {roof['ours_tokens_per_s']:.1f} tok/s against a memory-bandwidth limit of "
+            f"{roof['roofline_tokens_per_s']:.1f} tok/s ({roof['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read, "
+            f"{sum(roof['bytes_per_token'].values()) / 2**20:.1f} MiB per token): "
+            f"{roof['fraction_of_roofline']:.1%} of it",
+            flush=True,
+        )
     if not args.skip_grpo:
         g = grpo_case(args, config, r)
         rows.append(g)

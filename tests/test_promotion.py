@@ -299,7 +299,7 @@ def test_mof_manifest_says_what_the_release_holds(phase):
     included = {c["id"]: c["path"] for c in mof["components"] if c["included"]}
     assert included == {
         "model_architecture": "code/moxin_lightning/model", "data_preprocessing_code": "code/moxin_lightning/data",
-        "training_code": "code/", "inference_code": "code/moxin_lightning/generate.py",
+        "training_code": "code/", "inference_code": "code/moxin_lightning/decoding.py",
         "supporting_libraries_and_tools": "code/", "final_parameters": "model.safetensors",
         "model_metadata": "config.json", "sample_outputs": "samples.json", "model_card": "README.md",
         "data_card": "data/README.md", "evaluation_results": "metrics.json",

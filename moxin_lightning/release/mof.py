@@ -123,8 +123,10 @@ def mof_evidence(staging: Path, release: Release) -> dict[str, tuple[str | None,
             "tasks, callbacks and datamodules; config.yaml is the run's configuration" if code else no_code,
         ),
         "inference_code": (
-            present("code/moxin_lightning/generate.py"),
-            "moxin_lightning.generate; transformers also loads the folder" if code else no_code,
+            present("code/moxin_lightning/decoding.py"),
+            "moxin_lightning.decoding (the engine behind moxin_lightning.generate); transformers also loads the folder"
+            if code
+            else no_code,
         ),
         "evaluation_code": (None, "none beyond the validation loss, which the training code computes"),
         "supporting_libraries_and_tools": (
