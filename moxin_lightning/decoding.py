@@ -34,8 +34,8 @@ from moxin_lightning.model.cache import RollingKVCache
 from moxin_lightning.model.transformer import Transformer
 
 DEFAULT_KV_BUDGET_BYTES = 8 * 2**30
-"""8 GiB: 16 rows of a 7B model's bf16 cache at its full 4096-token window (512 MiB each), thousands for small
-models; the cache of a short request is smaller (slots = min(window, prompt + new tokens))."""
+"""8 GiB: 14 rows of Moxin-7B's bf16 cache at its full 4096-token window (576 MiB each; one row stages prefills,
+so 13 slots), thousands for small models; a short request's row is smaller (min(window, prompt + new tokens))."""
 
 
 @dataclass(frozen=True)
