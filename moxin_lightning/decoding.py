@@ -87,7 +87,7 @@ class Generation:
     stats: DecodeStats | None = field(default=None, compare=False)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 gathers weights here into buffers that training writes again
 def decode(
     model: Transformer,
     prompts: list[list[int]],
@@ -276,16 +276,19 @@ def prefill(
         padded[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     index = torch.arange(padded.shape[1], device=device)
     positions = torch.where(index < lengths.unsqueeze(1), index + offsets, -1)
-    last_hidden = None
+    logits = None
     for begin in range(0, padded.shape[1], chunk):
         piece = slice(begin, begin + chunk)
-        hidden = model.hidden_states(padded[:, piece], positions=positions[:, piece], cache=cache)
-        if last_hidden is None:
-            last_hidden = hidden.new_zeros(batch, hidden.shape[-1])
+        width = min(chunk, padded.shape[1] - begin)
         last = lengths - 1 - begin
-        rows = ((last >= 0) & (last < hidden.shape[1])).nonzero().flatten()
-        last_hidden[rows] = hidden[rows, last[rows]]
-    return model.lm_head(last_hidden).float()
+        inside = (last >= 0) & (last < width)
+        # Through the model's forward (sharding wrappers gather what they hold), asking only for the logits after
+        # each row's last prompt token when it falls in this chunk (any column otherwise, discarded).
+        chunk_logits = model(
+            padded[:, piece], positions=positions[:, piece], cache=cache, logits_at=last.clamp(0, width - 1)
+        ).float()
+        logits = chunk_logits if logits is None else torch.where(inside.unsqueeze(1), chunk_logits, logits)
+    return logits
 
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionLayout, RollingKVCache], torch.Tensor]
@@ -297,7 +300,7 @@ def decode_step(model: Transformer, compile: bool) -> DecodeStep:
     shapes: the per-step Python and dispatch overhead that dominates small models and GPU decoding goes away)."""
 
     def step(token, positions, layout, cache):
-        return model.lm_head(model.run_layers(token, positions, layout, cache))[:, -1].float()
+        return model.head(model.run_layers(token, positions, layout, cache))[:, -1].float()
 
     if not compile:
         return step

@@ -192,7 +192,7 @@ class MoxinLM(TemplateLM):
         continuations = [continuation for _, _, continuation in chunk]
         rows = torch.cat([torch.full((len(c),), row) for row, c in enumerate(continuations)])
         columns = torch.cat([torch.arange(len(t) - len(c), len(t)) for t, c in zip(inputs, continuations, strict=True)])
-        logprobs = self.model.lm_head(hidden[rows.to(self.device), columns.to(self.device)]).float().log_softmax(-1)
+        logprobs = self.model.head(hidden[rows.to(self.device), columns.to(self.device)]).float().log_softmax(-1)
         targets = torch.tensor([t for c in continuations for t in c], device=logprobs.device)
         scores = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).double()  # float64 sums: long texts
         hits = logprobs.argmax(dim=-1) == targets

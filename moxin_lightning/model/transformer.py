@@ -114,13 +114,31 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         target_weights: torch.Tensor | None = None,
         target_logprobs: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, vocab); with `targets` (B, T) instead the summed next-token cross-entropy and the
-        number of counted targets, through the fused head (`losses.linear_cross_entropy`), so the logits are
-        never stored (`target_weights` scales each token's loss); with `target_logprobs` the log-probability of
-        each target (B, T), 0 where it is ignored (DPO, GRPO). These go through `forward` so that sharding wrappers
-        (FSDP2) gather the head."""
+        """Logits (B, T, vocab), or what `head` makes of the hidden states: with `targets` (B, T) the summed
+        next-token cross-entropy and the number of counted targets (`target_weights` scales each token's loss),
+        with `target_logprobs` the log-probability of each target; with `logits_at` (B,) only the logits at that
+        column of each row, (B, vocab) (a prefill needs only each prompt's last). Everything goes through
+        `forward` so that sharding wrappers (FSDP2) gather the embedding and the head themselves: a caller never
+        unshards by hand."""
         hidden = self.hidden_states(input_ids, doc_ids=doc_ids, positions=positions, cache=cache)
+        if logits_at is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at]
+        return self.head(hidden, targets, target_weights=target_weights, target_logprobs=target_logprobs)
+
+    def head(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        target_weights: torch.Tensor | None = None,
+        target_logprobs: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The output head, the one surface from final hidden states to what a caller needs: logits (..., vocab);
+        with `targets` the fused next-token loss (summed) and the count of counted targets, never storing the
+        logits (`losses.linear_cross_entropy`); with `target_logprobs` each target's log-probability, 0 where it is
+        ignored (DPO, GRPO). Decoding, evaluation and the tasks all use it."""
         if targets is not None and target_logprobs:
             return token_logprobs(hidden, self.lm_head.weight, targets)
         if targets is not None:

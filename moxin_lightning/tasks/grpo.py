@@ -146,10 +146,8 @@ class GRPO(TrainingTask):
         was_training = self.model.training
         self.model.eval()
         started = time.perf_counter()
-        sharded = hasattr(self.model, "unshard")  # FSDP2: the decoder reads the root's embedding and head directly
-        if sharded:
-            self.model(torch.tensor([prompts[0][:1]], device=self.device))  # FSDP2 sets itself up on a root forward
-            self.model.unshard()
+        # Under FSDP2 the decoder's prefill goes through the model's forward, which gathers the root's embedding
+        # and head (kept gathered for the decode steps: the root does not reshard after forward).
         generation = sample(
             self.model,
             prompts,
@@ -161,8 +159,6 @@ class GRPO(TrainingTask):
             kv_budget_bytes=self.rollout_kv_budget_bytes,
             seed=self.hparams.seed * 1_000_003 + self._rollout_seed * 97 + self.global_rank,
         )
-        if sharded:
-            self.model.reshard()
         generation_seconds = time.perf_counter() - started
         self.model.train(was_training)
         completions = generation.tokens
