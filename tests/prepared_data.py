@@ -81,3 +81,44 @@ model:
     lr: 3.0e-3
     warmup_steps: 2
 """
+
+
+def train_tiny_bpe(folder: Path, words: list[str]) -> Path:
+    """A 300-piece SentencePiece BPE with byte fallback, trained in milliseconds on rotations of `words`, that
+    also covers the chat template's headers; returns its `tokenizer.model` in `folder`."""
+    import io
+
+    import sentencepiece as spm
+
+    texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
+    texts += ["<|system|>\n<|user|>\n<|assistant|>\n"] * 10
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=300, model_type="bpe",
+        byte_fallback=True, hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+    )  # fmt: skip
+    path = folder / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def write_tiny_fit(tmp_path: Path, trainer: str) -> Path:
+    """`tiny.yaml`: TINY_PRETRAIN_MODEL on a prepared folder of 200 documents (32-token rows, 2 per batch, one
+    validation batch), the run in `tmp_path/run`, on a CPU without bar or summary; `trainer` adds trainer keys
+    (YAML lines indented by two spaces)."""
+    data = write_dataset(tmp_path / "data", 0, 200)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        TINY_PRETRAIN_MODEL
+        + f"""data:
+  class_path: moxin_lightning.datamodules.PretrainData
+  init_args: {{datasets: [{data}], seq_len: 32, batch_size: 2, val_batches: 1}}
+trainer:
+  default_root_dir: {tmp_path / "run"}
+  accelerator: cpu
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+        + trainer
+    )
+    return config

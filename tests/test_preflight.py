@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prepared_data import TINY_PRETRAIN_MODEL, fresh_environment, write_dataset
+from tests.prepared_data import fresh_environment, write_tiny_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,29 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tiny_logged_fit(tmp_path) -> Path:
     """A tiny pretraining config on a prepared folder, with the offline W&B logger the shipped configs use."""
-    data = write_dataset(tmp_path / "data", 0, 200)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        TINY_PRETRAIN_MODEL
-        + f"""data:
-  class_path: moxin_lightning.datamodules.PretrainData
-  init_args: {{datasets: [{data}], seq_len: 32, batch_size: 2, val_batches: 1}}
-trainer:
-  default_root_dir: {tmp_path / "run"}
-  accelerator: cpu
-  max_steps: 6
+    return write_tiny_fit(
+        tmp_path,
+        f"""  max_steps: 6
   val_check_interval: 50
-  enable_progress_bar: false
-  enable_model_summary: false
   logger:
     class_path: moxin_lightning.loggers.WandbLogger
     init_args: {{project: moxin, name: tiny, save_dir: {tmp_path / "run"}}}
   callbacks:
     - class_path: moxin_lightning.callbacks.CheckpointPromotion
       init_args: {{dirpath: {tmp_path / "run" / "release"}}}
-"""
+""",
     )
-    return config
 
 
 def fit(tmp_path: Path, config: Path, *flags: str) -> subprocess.CompletedProcess:

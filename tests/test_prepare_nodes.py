@@ -7,7 +7,6 @@ shared folder).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -17,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 from moxin_lightning.data import DataError, read_manifest
 from moxin_lightning.data.nodes import Nodes, resolve_nodes
 from moxin_lightning.data.prepare import prepare
 from moxin_lightning.data.shards import read_tokens
-from tests.prepared_data import fresh_environment, write_records
+from tests.prepared_data import fresh_environment, train_tiny_bpe, write_records
 from tests.s3_server import s3_fixture  # noqa: F401  (the `s3` fixture)
 
 WORDS = "the quick brown fox jumps over a lazy dog while tokens flow into shards across two nodes".split()
@@ -32,17 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory) -> Path:
-    """A 300-piece BPE with byte fallback, trained in milliseconds, that also covers the chat template's headers."""
-    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
-    texts += ["<|system|>\n<|user|>\n<|assistant|>\n"] * 10
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=300, model_type="bpe",
-        byte_fallback=True, hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    return train_tiny_bpe(tmp_path_factory.mktemp("tokenizer"), WORDS)
 
 
 def sentence(seed: int) -> str:

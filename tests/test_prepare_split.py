@@ -9,14 +9,10 @@ and from the tokenizer's own encoding, not from what `prepare` reports.
 from __future__ import annotations
 
 import hashlib
-import io
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 from moxin_lightning.data import DataError, is_validation, read_manifest
 from moxin_lightning.data.chat_records import TRUNCATED
@@ -24,7 +20,8 @@ from moxin_lightning.data.prepare import prepare
 from moxin_lightning.data.worker import AT_LEAST_ONE_RULE, SPLIT_RULE, SplitItem, scan_split
 from moxin_lightning.tokenizers import SentencePieceTokenizer
 from moxin_lightning.tokenizers.chat import TuluTemplate
-from tests.prepared_data import fresh_environment, write_records
+from tests.prepared_data import train_tiny_bpe, write_records
+from tests.test_chat_data import command
 
 WORDS = "the quick brown fox jumps over a lazy dog while small corpora keep one document for validation".split()
 SMALL = [f"small document {i}: the quick brown fox number {i}" for i in range(40)]  # the rule at 0.005 picks none
@@ -33,17 +30,7 @@ LARGER = [f"document number {i} says hello" for i in range(400)]  # the rule at 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> SentencePieceTokenizer:
-    """A 300-piece BPE with byte fallback, trained in milliseconds, that also covers the chat template's headers."""
-    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
-    texts += ["<|system|>\n<|user|>\n<|assistant|>\n"] * 10
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=300, model_type="bpe",
-        byte_fallback=True, hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return SentencePieceTokenizer(path)
+    return SentencePieceTokenizer(train_tiny_bpe(tmp_path_factory.mktemp("tokenizer"), WORDS))
 
 
 def split_hash(text: str, seed: int = 0) -> int:
@@ -75,20 +62,6 @@ def stream_sha256(tokenizer, texts: list[str]) -> str:
     """The sha256 the manifest gives a split holding `texts`: its int32 little-endian token stream."""
     ids = [token for text in texts for token in tokenizer.encode(text, bos=True, eos=True)]
     return hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()
-
-
-def command(tmp_path: Path, *words: str) -> subprocess.CompletedProcess:
-    """`python -m moxin_lightning WORDS...` in a fresh working folder, home and cache."""
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    return subprocess.run(
-        [sys.executable, "-m", "moxin_lightning", *words],
-        cwd=work,
-        env=fresh_environment(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def user_assistant(question: str, answer: str) -> dict:

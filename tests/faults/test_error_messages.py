@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prepared_data import TINY_PRETRAIN_MODEL, fresh_environment, write_dataset
+from tests.prepared_data import fresh_environment, write_tiny_fit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,23 +33,7 @@ def run(tmp_path: Path, *words: str) -> str:
 @pytest.fixture
 def tiny_fit(tmp_path) -> Path:
     """A tiny pretraining config on a prepared folder (4 steps)."""
-    data = write_dataset(tmp_path / "data", 0, 200)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        TINY_PRETRAIN_MODEL
-        + f"""data:
-  class_path: moxin_lightning.datamodules.PretrainData
-  init_args: {{datasets: [{data}], seq_len: 32, batch_size: 2, val_batches: 1}}
-trainer:
-  default_root_dir: {tmp_path / "run"}
-  accelerator: cpu
-  max_steps: 4
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
-    )
-    return config
+    return write_tiny_fit(tmp_path, "  max_steps: 4\n  logger: false\n")
 
 
 def test_a_batch_size_below_1_names_the_key_and_the_datamodule(tmp_path, tiny_fit):
