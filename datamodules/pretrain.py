@@ -143,6 +143,7 @@ class PretrainData(L.LightningDataModule):
         self.vocab_size = vocab_size
         self.verify = verify
         self.manifests: list[dict[str, Any]] = []
+        self._checked_before_start = False
 
     # -- data and tokenizer ------------------------------------------------------------------------------
 
@@ -186,13 +187,15 @@ class PretrainData(L.LightningDataModule):
         return self.manifests
 
     def setup(self, stage: str | None = None) -> None:
-        self._check(self._model_config())
+        if not self._checked_before_start:  # the same checks, already passed: the index files are not read twice
+            self._check(self._model_config())
 
     def check_before_start(self, model_config: Any) -> None:
         """Everything `setup` refuses, before any logger or model starts (`moxin_lightning.preflight`): built-in
         corpora are prepared on first use, then the datasets are checked against each other and the model."""
         self.prepare_data()
         self._check(model_config)
+        self._checked_before_start = True
 
     def _check(self, model_config: Any) -> None:
         self._read_manifests()
