@@ -5,7 +5,7 @@ more cache than its budget."""
 import pytest
 import torch
 
-from moxin_lightning.decoding import Sampling, decode
+from moxin_lightning.decoding import Sampling, decode, draw
 from moxin_lightning.generate import generate, sample
 from moxin_lightning.model import RollingKVCache
 
@@ -82,6 +82,20 @@ def test_per_request_limits_and_one_slot_steps_only_live_rows():
     assert stats.prefills == len(PROMPTS) and stats.prefill_tokens == sum(len(p) for p in PROMPTS)
 
 
+def test_once_nothing_waits_finished_rows_stop_being_computed():
+    model = tiny_model(seed=25)
+    limits = [12, 1, 2, 1, 3, 2, 1]  # most rows end early, one runs to its limit
+    result = decode(model, PROMPTS, limits)  # the default budget holds every row at once
+    assert result.tokens == [generate(model, [p], n)[0] for p, n in zip(PROMPTS, limits, strict=True)]
+    stats = result.stats
+    assert stats.slots == len(PROMPTS) and stats.decode_steps == max(limits) - 1
+    # Rows computed per step: 7 (4 of 7 live, more than half), then 2 (shrunk to the 2 live rows), then 1 for
+    # the 9 steps left to the longest row; without shrinking it would be 7 for each of the 11 steps.
+    assert stats.live_row_steps == sum(n - 1 for n in limits) == 15
+    assert stats.row_steps == 7 + 2 + 1 * 9 == 18
+    assert stats.occupancy == pytest.approx(15 / 18)
+
+
 def test_more_requests_than_slots_reuse_slots_within_the_budget(monkeypatch):
     model = tiny_model(seed=23)
     created = []
@@ -90,15 +104,15 @@ def test_more_requests_than_slots_reuse_slots_within_the_budget(monkeypatch):
     def recording(self, *args, **kwargs):
         original(self, *args, **kwargs)
         if self.slot_position.device.type != "meta":  # not the per-row size query
-            created.append(self)
+            created.append((self, self.batch_size, self.nbytes))  # sizes at creation: the end of a run shrinks
 
     monkeypatch.setattr(RollingKVCache, "__init__", recording)
     budget = budget_for(2, 32)  # three rows: two slots and a staging row
     result = sample(model, PROMPTS, 12, temperature=1.0, seed=3, kv_budget_bytes=budget)
-    main, *staging = created
-    assert main.batch_size == 2 and all(c.batch_size == 1 for c in staging) and len(staging) == len(PROMPTS)
-    assert main.nbytes + max(c.nbytes for c in staging) <= budget
-    assert result.stats.peak_kv_bytes == main.nbytes + staging[0].nbytes <= budget
+    (_, main_rows, main_bytes), *staging = created
+    assert main_rows == 2 and all(rows == 1 for _, rows, _ in staging) and len(staging) == len(PROMPTS)
+    assert main_bytes + max(nbytes for *_, nbytes in staging) <= budget
+    assert result.stats.peak_kv_bytes == main_bytes + staging[0][2] <= budget
     assert [len(t) for t in result.tokens] == [12] * len(PROMPTS)
     assert 0 < result.stats.occupancy <= 1
 
@@ -177,3 +191,15 @@ def test_sampling_settings_are_checked_once_for_every_caller():
         decode(model, [[1]], 3, Sampling(temperature=1.0, top_p=0.0))
     with pytest.raises(ValueError, match="2 token limits for 1 prompts"):
         decode(model, [[1]], [3, 4])
+
+
+def test_draw_matches_its_probabilities_and_never_picks_a_zero():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([draw(probs, generator) for _ in range(20_000)])  # (draws, rows)
+    for row in range(2):
+        frequency = torch.bincount(draws[:, row], minlength=6).double() / len(draws)
+        assert frequency[probs[row] == 0].sum() == 0
+        # Binomial standard error at 20,000 draws is at most 0.0036; 4 of them.
+        assert torch.allclose(frequency, probs[row].double(), atol=0.015)
+    assert torch.equal(draw(probs, torch.Generator().manual_seed(0)), draws[0])  # a fixed seed, the same draw

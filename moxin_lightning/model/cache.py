@@ -72,6 +72,14 @@ class RollingKVCache:
         index = torch.tensor(rows, dtype=torch.long, device=self.slot_position.device)
         self.slot_position.index_fill_(0, index, -1)
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Shrink the cache to `rows`, in that order (row i of the result is rows[i] before): finished sequences
+        stop costing compute and memory once a decoder has nothing left to put in their place."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.slot_position.device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.slot_position = self.slot_position.index_select(0, index)
+
     def prepare(self, positions: torch.Tensor) -> AttentionLayout:
         """Plan a step for tokens at `positions` (B, T), -1 marking padding; returns its attention layout."""
         if positions.shape[0] != self.slot_position.shape[0]:
