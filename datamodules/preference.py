@@ -2,7 +2,7 @@
 
 `train` names a folder `prepare --format preference` wrote, or raw pair records (.jsonl / .json / .parquet
 files, globs, folders, URLs, or `builtin-pairs:arithmetic?count=N`) that are prepared on first use through the
-same code (see `RecordData`). The record conventions, the prompt extraction and the prompt-first truncation to
+same code (see `RecordData`). The record conventions, the prompt extraction and the truncation rules to
 `max_length` are `moxin_lightning.data.preference_records`'.
 
 Each pair becomes two sequences, prompt + chosen and prompt + rejected, with the same prompt tokens; labels are
@@ -12,7 +12,7 @@ the same whatever the shuffling or the number of processes, which the DPO refere
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ class PreferenceData(RecordData):
     Args:
         max_length: tokens per sequence (Moxin's DPO: 2048); must equal the prepared folder's (None: take it from
             the folder; raw records: 2048).
+        truncation: how a pair beyond `max_length` is cut: `prompt_first` (the prompt from the left, then the
+            responses) or `right` (each whole sequence from the right, as Moxin's DPO did); must equal the prepared
+            folder's (None: take it from the folder; raw records: prompt_first).
         pad_to_max_length: pad every batch to `max_length` (fixed shapes) instead of its longest sequence.
         Others: see `RecordData`.
     """
@@ -80,6 +83,7 @@ class PreferenceData(RecordData):
         tokenizer: Tokenizer | None = None,
         template: ChatTemplate = TULU,
         max_length: int | None = None,
+        truncation: Literal["prompt_first", "right"] | None = None,
         batch_size: int = 8,
         shuffle: bool = True,
         seed: int = 42,
@@ -103,17 +107,22 @@ class PreferenceData(RecordData):
             max_seq_len,
             vocab_size,
         )
-        self._max_length, self.pad_to_max_length = max_length, pad_to_max_length
+        self._max_length, self._truncation, self.pad_to_max_length = max_length, truncation, pad_to_max_length
 
     @property
     def max_length(self) -> int:
         return self._max_length or self._prepared_setting("max_length") or DEFAULT_MAX_LENGTH["preference"]
 
+    @property
+    def truncation(self) -> str:
+        return self._truncation or self._prepared_setting("truncation") or "prompt_first"
+
     def record_format(self, tokenizer: Tokenizer) -> PreferenceFormat:
-        return PreferenceFormat(tokenizer, self.template, self.max_length)
+        return PreferenceFormat(tokenizer, self.template, self.max_length, self.truncation)
 
     def _check_settings(self, folder: str, records: dict[str, Any]) -> None:
         self._check_setting(folder, records, "max_length", self.max_length, "max_length")
+        self._check_setting(folder, records, "truncation", self.truncation, "truncation")
 
     def sequence_length(self) -> int:
         return self.max_length

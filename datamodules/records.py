@@ -268,7 +268,7 @@ class RecordData(L.LightningDataModule, ABC):
         def build(folder: Path) -> object:
             rank_zero_info(f"{type(self).__name__}: preparing {inputs} on first use into {folder}")
             fmt = self.record_format(self.tokenizer)
-            settings = {key: value for key, value in fmt.settings().items() if key != "truncation"}
+            settings = fmt.settings()
             return prepare(
                 inputs,
                 self.tokenizer,

@@ -168,6 +168,37 @@ def test_left_truncation_keeps_the_bos_and_the_response(tmp_path):
     assert data.skipped == {"train": {}}
 
 
+def test_right_truncation_cuts_each_whole_sequence_from_the_right(tmp_path):
+    record = {"prompt": "x" * 10, "chosen": "yes yes yes", "rejected": "no"}
+    data = loaded(tmp_path, [record], max_length=20, truncation="right")
+    (item,) = items(data)
+    prompt = [BOS] + b("u:" + "x" * 10 + "a:")  # 15 tokens, all kept: only the responses are cut, to 5
+    assert trimmed(item, "chosen_input_ids") == prompt + b("yes y")
+    assert trimmed(item, "rejected_input_ids") == prompt + b("no") + [EOS]  # short enough: untouched
+    assert trimmed(item, "chosen_labels") == [-100] * 14 + b("yes y") + [-100]
+    assert data.split_entry("train")["truncated"] == 1
+    assert read_manifest(data._plan()["train"][0])["records"]["truncation"] == "right"
+
+    # A prompt of max_length tokens or more leaves no response token: the pair is skipped (prompt_first keeps it).
+    records = [{**record, "prompt": "x" * 30}, record]
+    data = loaded(tmp_path, records, max_length=20, truncation="right")
+    assert data.skipped == {"train": {NO_RESPONSE_TOKEN: 1}} and len(items(data)) == 1
+    assert len(items(loaded(tmp_path, records, max_length=20))) == 2
+
+
+def test_a_folder_prepared_with_another_truncation_is_refused_in_one_line(tmp_path):
+    records = [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    folder = prepare(
+        [str(write_jsonl(tmp_path / "p.jsonl", records))], ByteTokenizer(), tmp_path / "prepared", num_workers=1,
+        val_fraction=0.0, format="preference", template=MiniTemplate(), max_length=32, truncation="right",
+    )  # fmt: skip
+    assert PreferenceData([str(folder)], tokenizer=ByteTokenizer(), template=MiniTemplate()).truncation == "right"
+    with pytest.raises(ValueError, match=r"^truncation='prompt_first' differs from the 'right' .* was prepared with; "):
+        PreferenceData(
+            [str(folder)], tokenizer=ByteTokenizer(), template=MiniTemplate(), truncation="prompt_first"
+        ).setup()
+
+
 def test_unusable_records_are_skipped_and_counted(tmp_path):
     good = {"prompt": "q", "chosen": "a", "rejected": "b"}
     records = [

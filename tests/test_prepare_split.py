@@ -237,3 +237,19 @@ def test_a_single_chat_record_with_a_val_fraction_is_refused_on_the_command_line
         "or add more\n"
     )
     assert not output.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_truncation_is_a_preference_setting_checked_on_the_command_line(tmp_path, tokenizer):
+    path = write_records(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}])
+    words = ("prepare", "--input", path, "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "out"))
+    wrong_format = command(tmp_path, *words, "--format", "chat", "--truncation", "right")
+    assert (wrong_format.returncode, wrong_format.stderr) == (
+        1,
+        "prepare: error: --truncation does not apply to --format chat; drop it\n",
+    )
+    wrong_rule = command(tmp_path, *words, "--format", "preference", "--truncation", "left")
+    assert (wrong_rule.returncode, wrong_rule.stderr) == (
+        1,
+        "prepare: error: --truncation 'left' is not one of prompt_first, right\n",
+    )
+    assert not (tmp_path / "out").exists()

@@ -16,8 +16,11 @@ Each pair becomes two sequences, prompt + chosen and prompt + rejected, with the
 `{"prompt": int32, "chosen": int32, "chosen_trained": uint8, "rejected": int32, "rejected_trained": uint8}`. The
 datamodule labels the response tokens only (`labels[t] = ids[t + 1]` when token t + 1 is an assistant token of
 the response: content and closing EOS); assistant turns inside the prompt are context. A pair longer than
-`max_length` loses prompt tokens from the left first (its BOS stays: the model has seen a BOS at position 0 in
-every sequence), then response tokens from the right. A record that cannot be used, or a pair left without a
+`max_length` is cut by its `truncation` rule: `prompt_first` (ours, TRL's default `keep_end` for the prompt) loses
+prompt tokens from the left first (its BOS stays: the model has seen a BOS at position 0 in every sequence), then
+response tokens from the right; `right` cuts each whole sequence, prompt + response, from the right, as the
+open-instruct `dpo_tune.py` Moxin-Instruct ran did (a prompt of `max_length` tokens or more then leaves no response
+token, and the pair is skipped). A record that cannot be used, or a pair left without a
 response token, or a pair whose chosen and rejected responses are the same, is skipped and counted under its
 reason.
 """
@@ -48,6 +51,8 @@ UNKNOWN_ROLE = "unknown role"
 NOT_ASSISTANT = "response does not start with an assistant turn"
 NO_RESPONSE_TOKEN = "no response token within max_length"
 SAME_RESPONSES = "chosen equals rejected"
+
+TRUNCATIONS = ("prompt_first", "right")
 
 Messages = list[dict[str, str]]
 
@@ -157,10 +162,12 @@ def cut_pair(
     bos_id: int,
     max_length: int,
     template_name: str,
+    truncation: str = "prompt_first",
 ) -> EncodedPair | str:
     """A pair's tokens from the encodings of its prompt (with the generation prompt) and of prompt + each response,
-    cut to `max_length` (prompt from the left after its BOS, then responses from the right), or NO_RESPONSE_TOKEN
-    when a sequence is left without a trained label."""
+    cut to `max_length` by `truncation` (`prompt_first`: the prompt from the left after its BOS, then responses
+    from the right; `right`: each sequence from the right), or NO_RESPONSE_TOKEN when a sequence is left without a
+    trained label."""
     responses = []
     for ids, trained in sequences:
         ids, trained = np.asarray(ids).tolist(), np.asarray(trained, dtype=bool).tolist()
@@ -172,7 +179,11 @@ def cut_pair(
         responses.append((ids[len(prompt) :], trained[len(prompt) :]))
     longest = max(len(ids) for ids, _ in responses)
     cut = len(prompt) + longest > max_length
-    if cut:
+    if cut and truncation == "right":
+        prompt = prompt[:max_length]
+        room = max_length - len(prompt)
+        responses = [(ids[:room], trained[:room]) for ids, trained in responses]
+    elif cut:
         head = prompt[:1] if prompt and prompt[0] == bos_id else []
         tail = max(0, max_length - longest - len(head))
         prompt = (head + (prompt[len(head) :][-tail:] if tail else []))[:max_length]
@@ -185,11 +196,13 @@ def cut_pair(
     return EncodedPair(list(prompt), chosen, chosen_trained, rejected, rejected_trained, cut)
 
 
-def encode_pair(pair: Pair, tokenizer: Tokenizer, template: ChatTemplate, max_length: int) -> EncodedPair | str:
+def encode_pair(
+    pair: Pair, tokenizer: Tokenizer, template: ChatTemplate, max_length: int, truncation: str = "prompt_first"
+) -> EncodedPair | str:
     """One pair's tokens (see `cut_pair`), encoded with `template.encode` directly."""
     prompt, _ = template.encode(tokenizer, pair.prompt, add_generation_prompt=True)
     sequences = [template.encode(tokenizer, pair.prompt + response) for response in (pair.chosen, pair.rejected)]
-    return cut_pair(list(prompt), sequences, tokenizer.bos_id, max_length, template.name)
+    return cut_pair(list(prompt), sequences, tokenizer.bos_id, max_length, template.name, truncation)
 
 
 def builtin_rows(spec: str) -> Iterator[ObjectRecord]:
@@ -209,20 +222,23 @@ def builtin_rows(spec: str) -> Iterator[ObjectRecord]:
 
 class PreferenceFormat(RecordFormat):
     """`prepare --format preference`: pairs -> {"prompt", "chosen", "chosen_trained", "rejected",
-    "rejected_trained"}, cut to `max_length` tokens per sequence (prompt-first)."""
+    "rejected_trained"}, cut to `max_length` tokens per sequence by `truncation` (see `cut_pair`)."""
 
     name = "preference"
     builtin_prefixes = (BUILTIN_PAIRS,)
     needs = ("chosen", "rejected")
     not_text = "{path} is a .txt file; preference records must be .jsonl, .json or .parquet"
     missing = "{path} has no 'chosen' and 'rejected' columns (columns: {columns}); it holds no pairs"
-    truncation = "prompt_first"
 
-    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, max_length: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, template: ChatTemplate, max_length: int, truncation: str = "prompt_first"
+    ) -> None:
         super().__init__(tokenizer, template)
         if max_length < 2:
             raise ValueError(f"max_length={max_length} must be at least 2 (a prompt token and a response token)")
-        self.max_length = max_length
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation={truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+        self.max_length, self.truncation = max_length, truncation
 
     def settings(self) -> dict[str, Any]:
         return {"max_length": self.max_length, "truncation": self.truncation}
@@ -251,6 +267,7 @@ class PreferenceFormat(RecordFormat):
                 self.tokenizer.bos_id,
                 self.max_length,
                 self.template.name,
+                self.truncation,
             )
             if isinstance(pair, str):
                 out.append(pair)

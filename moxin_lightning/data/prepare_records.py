@@ -29,7 +29,7 @@ from typing import Any
 from moxin_lightning.data.chat_records import ChatFormat
 from moxin_lightning.data.integrity import chunk_hashes
 from moxin_lightning.data.nodes import NodeRun, write_splits
-from moxin_lightning.data.preference_records import PreferenceFormat
+from moxin_lightning.data.preference_records import TRUNCATIONS, PreferenceFormat
 from moxin_lightning.data.prompt_records import PromptFormat
 from moxin_lightning.data.record_worker import EncodeRecords, ValItems
 from moxin_lightning.data.records import (
@@ -68,12 +68,18 @@ def make_format(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     instruction: str | None = None,
+    truncation: str | None = None,
 ) -> RecordFormat | None:
     """The record format `name` with its settings (None for documents); DataError for a setting it does not take."""
     if name not in FORMATS:
         raise DataError(f"--format {name!r} is not one of {', '.join(FORMATS)}")
-    given = {"max_length": max_length, "max_prompt_length": max_prompt_length, "instruction": instruction}
-    takes = {"documents": (), "chat": ("max_length",), "preference": ("max_length",)}.get(
+    given = {
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "instruction": instruction,
+        "truncation": truncation,
+    }
+    takes = {"documents": (), "chat": ("max_length",), "preference": ("max_length", "truncation")}.get(
         name, ("max_prompt_length", "instruction")
     )
     extra = [key for key, value in given.items() if value is not None and key not in takes]
@@ -85,7 +91,10 @@ def make_format(
     if name == "chat":
         return ChatFormat(tokenizer, template, max_length or DEFAULT_MAX_LENGTH["chat"])
     if name == "preference":
-        return PreferenceFormat(tokenizer, template, max_length or DEFAULT_MAX_LENGTH["preference"])
+        if truncation is not None and truncation not in TRUNCATIONS:
+            raise DataError(f"--truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+        length = max_length or DEFAULT_MAX_LENGTH["preference"]
+        return PreferenceFormat(tokenizer, template, length, truncation or "prompt_first")
     return PromptFormat(tokenizer, template, max_prompt_length or DEFAULT_MAX_LENGTH["prompts"], instruction)
 
 
