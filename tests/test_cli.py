@@ -80,6 +80,7 @@ def test_phase1_is_moxin_7b_at_2k_on_the_mixture_with_fsdp2_in_bf16():
     assert model["init_args"]["betas"] == [0.9, 0.95]
     assert model["init_args"]["eps"] == 1e-8
     assert model["init_args"]["weight_decay"] == 0.1
+    assert model["init_args"]["weight_decay_scope"] == "all"
     assert model["init_args"]["schedule"] == "cosine"
     assert model["init_args"]["min_lr_ratio"] == 0.1
     assert model["init_args"]["activation_checkpointing"] is True
@@ -91,7 +92,7 @@ def test_phase1_is_moxin_7b_at_2k_on_the_mixture_with_fsdp2_in_bf16():
     assert trainer["precision"] == "bf16-mixed"
     assert trainer["gradient_clip_val"] == 1.0
     assert trainer["accumulate_grad_batches"] == 8
-    assert tokens_per_step(config) == 4 * 2048 * 8 * 64 == 4_194_304
+    assert tokens_per_step(config) == 1 * 2048 * 8 * 64 == 1_048_576  # Moxin's launch: 64 GPUs x 1 row x 8
     # `${trainer.default_root_dir}` resolved in every place that names it
     assert trainer["default_root_dir"] == "runs/phase1"
     assert callback(config, "lightning.pytorch.callbacks.ModelCheckpoint")["dirpath"] == "runs/phase1/checkpoints"
@@ -100,15 +101,15 @@ def test_phase1_is_moxin_7b_at_2k_on_the_mixture_with_fsdp2_in_bf16():
     assert trainer["logger"]["init_args"]["save_dir"] == "runs/phase1"
 
 
-def test_phase2_continues_phase1_at_4k_with_the_same_tokens_per_step():
+def test_phase2_continues_phase1_at_4k_with_the_same_launch():
     phase1 = printed_config(*configs(PHASES["phase1"]))
     phase2 = printed_config(*configs(PHASES["phase2"]))
     assert phase2["model"]["init_args"]["init_from"] == "runs/phase1/release"
     assert callback(phase1, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/phase1/release"
     assert phase2["data"]["init_args"]["seq_len"] == 4096
     assert phase2["data"]["init_args"]["datasets"] == MIXTURE
-    assert tokens_per_step(phase2) == tokens_per_step(phase1)
-    for key in ("preset", "betas", "weight_decay", "min_lr_ratio", "schedule"):
+    assert tokens_per_step(phase2) == 2 * tokens_per_step(phase1)  # the same rows per GPU, twice as long
+    for key in ("preset", "betas", "weight_decay", "weight_decay_scope", "min_lr_ratio", "schedule"):
         assert phase2["model"]["init_args"][key] == phase1["model"]["init_args"][key], key
     assert phase2["trainer"]["gradient_clip_val"] == 1.0
     assert callback(phase2, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/phase2/release"
@@ -123,7 +124,11 @@ def test_phase3_is_the_capability_mix_from_phase2s_release():
     assert data["datasets"][1:] == MIXTURE[1:]  # a replay of phase 1-2 data against forgetting
     assert math.isclose(sum(data["weights"]), 1.0)
     assert data["seq_len"] == 4096
-    assert tokens_per_step(phase3) == tokens_per_step(phase1)
+    assert tokens_per_step(phase3) == 2 * tokens_per_step(phase1)
+    # the three phases hold "over 2T" tokens (all of SlimPajama plus ~1.4T of DCLM)
+    phase2 = printed_config(*configs(PHASES["phase2"]))
+    total = sum(tokens_per_step(c) * c["trainer"]["max_steps"] for c in (phase1, phase2, phase3))
+    assert 2.0e12 < total < 2.1e12
     assert callback(phase3, "moxin_lightning.callbacks.CheckpointPromotion")["dirpath"] == "runs/phase3/release"
 
 
@@ -131,9 +136,13 @@ def test_phase3_is_the_capability_mix_from_phase2s_release():
 def test_each_setting_says_whether_moxin_published_it(phase):
     """The comments mark Moxin's published settings [Moxin] and our own choices [ours]."""
     lines = {line.split(":")[0].strip(): line for line in PHASES[phase].read_text().splitlines() if ":" in line}
-    for key in ("preset", "betas", "eps", "weight_decay", "min_lr_ratio", "gradient_clip_val"):
+    moxin = ["preset", "betas", "eps", "weight_decay", "weight_decay_scope", "min_lr_ratio", "gradient_clip_val"]
+    moxin += ["batch_size", "num_nodes", "accumulate_grad_batches"]  # the published 64-GPU launch
+    ours = ["precision", "max_steps", "weights"]
+    (moxin if phase == "phase1" else ours).append("lr")  # phase 1: the script's default; 2 and 3: re-warmed peaks
+    for key in moxin:
         assert "# [Moxin]" in lines[key], lines[key]
-    for key in ("lr", "batch_size", "precision", "max_steps", "weights"):
+    for key in ours:
         assert "# [ours]" in lines[key], lines[key]
 
 
@@ -157,7 +166,7 @@ def test_the_local_overlays_make_each_phase_a_cpu_run_on_the_builtin_corpus(phas
     assert (model["compile"], model["activation_checkpointing"]) == (False, False)
     assert data["tokenizer"]["class_path"] == "moxin_lightning.tokenizers.LocalTokenizer"
     assert data["tokenizer"]["init_args"]["vocab_size"] == model["model_overrides"]["vocab_size"]
-    assert tokens_per_step(config) == 2048  # every local phase, as every real phase has 4.2M
+    assert tokens_per_step(config) == 2048  # every local phase (the real ones: 1.05M at 2K, 2.1M at 4K)
     # what the overlays do not touch stays the phase's
     assert model["init_from"] == alone["model"]["init_args"]["init_from"]
     assert model["betas"] == [0.9, 0.95]

@@ -155,6 +155,26 @@ def test_weight_decay_applies_to_matrices_only():
     assert module.configure_optimizers()["optimizer"].defaults["betas"] == (0.9, 0.95)
 
 
+def test_weight_decay_scope_all_decays_every_parameter_as_moxins_script_does():
+    module = task(weight_decay=0.1, weight_decay_scope="all", betas=(0.9, 0.999))
+    module.trainer = trainer(max_steps=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert [id(p) for p in decay["params"]] == [id(p) for p in module.model.parameters()]
+    assert (decay["weight_decay"], no_decay["params"], optimizer.defaults["betas"]) == (0.1, [], (0.9, 0.999))
+    # one AdamW step from zero gradients moves every parameter by -lr * wd * p, norms and embedding included
+    before = [p.detach().clone() for p in module.model.parameters()]
+    for p in module.model.parameters():
+        p.grad = torch.zeros_like(p)
+    lr = decay["lr"]
+    assert lr > 0
+    optimizer.step()
+    for old, new in zip(before, module.model.parameters(), strict=True):
+        torch.testing.assert_close(new.detach(), old * (1 - lr * 0.1))
+    with pytest.raises(ValueError, match=r"^weight_decay_scope='norms' is not one of matrices, all$"):
+        task(weight_decay_scope="norms")
+
+
 def test_initial_weights_depend_only_on_the_seed_and_follow_the_init_rule():
     a, b, c = task(seed=7), task(seed=7), task(seed=8)
     assert same_weights(a.model, b.model)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -46,8 +46,10 @@ class TrainingTask(L.LightningModule):
             Lightning checkpoint (`.ckpt` file or sharded folder). None: random, seeded by `seed`.
         seed: seed of the random initial weights (identical for any number of processes).
         lr: peak learning rate.
-        betas, eps, weight_decay: AdamW settings (Moxin: 0.9/0.95, 1e-8, 0.1). Weight decay applies to the
-            matrices of attention, MLP and output head; not to norm weights or the token embedding.
+        betas, eps, weight_decay: AdamW settings (Moxin's pretraining: 0.9/0.95, 1e-8, 0.1).
+        weight_decay_scope: what weight decay applies to: `matrices` (attention, MLP and output-head matrices; not
+            norm weights or the token embedding, as litgpt, OLMo and nanoGPT do) or `all` parameters (Moxin's
+            pretraining script and veRL's actor pass every parameter to one AdamW group).
         schedule: `cosine` | `linear` | `wsd` | `constant` (see `moxin_lightning.schedules`).
         warmup_steps: linear warmup steps; `warmup_ratio` (a fraction of the run) overrides it when set.
         min_lr_ratio: final learning rate as a fraction of the peak (Moxin: 0.1).
@@ -73,6 +75,7 @@ class TrainingTask(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.1,
+        weight_decay_scope: Literal["matrices", "all"] = "matrices",
         schedule: ScheduleKind = "cosine",
         warmup_steps: int = 2000,
         warmup_ratio: float | None = None,
@@ -84,6 +87,8 @@ class TrainingTask(L.LightningModule):
     ) -> None:
         if max_skipped_steps is not None and max_skipped_steps < 1:
             raise ValueError(f"max_skipped_steps={max_skipped_steps} must be >= 1, or null to never stop")
+        if weight_decay_scope not in ("matrices", "all"):
+            raise ValueError(f"weight_decay_scope={weight_decay_scope!r} is not one of matrices, all")
         super().__init__()
         if type(self).loss_terms is TrainingTask.loss_terms:
             raise TypeError(
@@ -182,11 +187,12 @@ class TrainingTask(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
+        hp = self.hparams
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            (decay if param.ndim >= 2 and not name.startswith("embed.") else no_decay).append(param)
-        hp = self.hparams
+            matrix = param.ndim >= 2 and not name.startswith("embed.")
+            (decay if matrix or hp.weight_decay_scope == "all" else no_decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
