@@ -76,7 +76,7 @@ def test_sft_is_moxin_instructs_tulu3_sft_from_the_base_model():
     assert model["init_from"] == "runs/phase3/release"  # Moxin-7B-Enhanced, the base model
     assert model["loss_reduction"] == "sum"
     assert (model["lr"], model["schedule"], model["warmup_ratio"]) == (5e-6, "linear", 0.03)
-    assert (model["min_lr_ratio"], model["weight_decay"]) == (0.0, 0.0)
+    assert (model["min_lr_ratio"], model["weight_decay"], model["betas"]) == (0.0, 0.0, [0.9, 0.999])
     assert config["data"]["class_path"] == "moxin_lightning.datamodules.ChatData"
     assert data["template"]["class_path"] == "moxin_lightning.tokenizers.TuluTemplate"
     assert data["max_length"] == 4096
@@ -104,9 +104,10 @@ def test_dpo_is_moxin_instructs_length_normalised_dpo_from_the_sft_release():
     assert model["init_from"] == "runs/sft/release" == callback(sft, PROMOTION)["dirpath"]
     assert (model["loss_type"], model["beta"], model["reference"]) == ("dpo_norm", 5.0, "cache")
     assert (model["lr"], model["schedule"], model["warmup_ratio"]) == (5e-7, "linear", 0.1)
-    assert (model["min_lr_ratio"], model["weight_decay"]) == (0.0, 0.0)
+    assert (model["min_lr_ratio"], model["weight_decay"], model["betas"]) == (0.0, 0.0, [0.9, 0.999])
     assert model["activation_checkpointing"] is True
     assert config["data"]["class_path"] == "moxin_lightning.datamodules.PreferenceData"
+    assert data["truncation"] == "right"  # each whole sequence from the right, as open-instruct's dpo_tune.py
     assert data["template"]["class_path"] == "moxin_lightning.tokenizers.TuluTemplate"
     assert data["max_length"] == 2048
     assert data["tokenizer"]["init_args"]["path"] == "runs/sft/release/tokenizer.model"
@@ -132,7 +133,7 @@ def test_the_tokenizer_follows_init_from_when_a_flag_moves_it():
             (
                 "seed_everything", "init_from", "attention", "loss_reduction", "lr", "schedule", "min_lr_ratio",
                 "warmup_ratio", "weight_decay", "max_length", "batch_size", "num_nodes", "precision", "max_epochs",
-                "accumulate_grad_batches", "every_n_epochs", "pack",
+                "accumulate_grad_batches", "every_n_epochs", "pack", "betas",
             ),
             ("activation_checkpointing", "compile", "gradient_clip_val"),
         ),
@@ -141,7 +142,7 @@ def test_the_tokenizer_follows_init_from_when_a_flag_moves_it():
             (
                 "init_from", "loss_type", "beta", "lr", "schedule", "min_lr_ratio", "warmup_ratio", "weight_decay",
                 "activation_checkpointing", "max_length", "batch_size", "devices", "precision", "max_epochs",
-                "accumulate_grad_batches",
+                "accumulate_grad_batches", "betas", "truncation",
             ),
             ("reference", "gradient_clip_val"),
         ),
