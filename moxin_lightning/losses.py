@@ -178,14 +178,17 @@ def token_logprobs(
     *,
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int = 1024,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(target) under softmax(hidden @ weight.T) at every position; 0.0 where target == ignore_index.
 
     hidden (..., dim), weight (vocab, dim), targets (...) -> float32 tensor shaped like targets.
     DPO needs per-sequence sums of these for the policy (with gradients) and the reference.
-    The head runs chunk by chunk in fp32 and only the inputs plus one float per token are kept for
+    The head runs chunk by chunk in fp32 and only the inputs plus two floats per token are kept for
     backward, which recomputes each chunk's logits: the (tokens x vocab) logits never live across
     forward and backward, where with a 32K vocabulary they would dwarf the model's activations.
+    with_entropy: also return each position's entropy of the whole next-token distribution (0.0 where the target
+    is ignored), differentiable, from the same logits: GRPO's entropy bonus (veRL's `entropy_coeff`).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -196,47 +199,64 @@ def token_logprobs(
     if flat_hidden.shape[0] != flat_targets.shape[0]:
         raise ValueError(f"{flat_hidden.shape[0]} hidden states but {flat_targets.shape[0]} targets")
     counted = flat_targets != ignore_index
-    logps = _TokenLogprobs.apply(flat_hidden, weight, flat_targets, counted, chunk_tokens)
+    logps, entropy = _TokenLogprobs.apply(flat_hidden, weight, flat_targets, counted, chunk_tokens, with_entropy)
+    if with_entropy:
+        return logps.view(targets.shape), entropy.view(targets.shape)
     return logps.view(targets.shape)
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Chunked head + log-softmax gather whose backward recomputes each chunk's logits.
+    """Chunked head + log-softmax gather (and entropy) whose backward recomputes each chunk's logits.
 
-    d log p(t) / d logits = one_hot(t) - softmax(logits); forward keeps each row's log-sum-exp so
-    backward rebuilds the softmax with one matmul and one exp per chunk.
+    With z the logits, p = softmax(z) and H = logsumexp(z) - sum(p * z):
+    d log p(t) / dz = one_hot(t) - p  and  dH / dz = -p * (z - sum(p * z)). Forward keeps each row's log-sum-exp
+    (and, for the entropy, the mean logit sum(p * z)) so backward rebuilds p with one matmul and one exp per chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, counted, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, counted, chunk_tokens, with_entropy):
         safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
         logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         log_normalizers = torch.zeros_like(logps)
+        mean_logits = torch.zeros_like(logps) if with_entropy else logps.new_zeros(0)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = start + chunk_tokens
             logits = (hidden[start:end] @ weight.t()).float()
             log_normalizers[start:end] = logits.logsumexp(dim=1)
             target_logps = logits.gather(1, safe_targets[start:end]).squeeze(1) - log_normalizers[start:end]
             logps[start:end] = torch.where(counted[start:end], target_logps, 0.0)
-        ctx.save_for_backward(hidden, weight, safe_targets, counted, log_normalizers)
-        ctx.chunk_tokens = chunk_tokens
-        return logps
+            if with_entropy:
+                probs = (logits - log_normalizers[start:end].unsqueeze(1)).exp_()
+                mean_logits[start:end] = (probs * logits).sum(dim=1)
+        entropy = torch.where(counted, log_normalizers - mean_logits, 0.0) if with_entropy else mean_logits
+        ctx.save_for_backward(hidden, weight, safe_targets, counted, log_normalizers, mean_logits)
+        ctx.chunk_tokens, ctx.with_entropy = chunk_tokens, with_entropy
+        ctx.mark_non_differentiable(*(() if with_entropy else (entropy,)))
+        return logps, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logps):
-        hidden, weight, safe_targets, counted, log_normalizers = ctx.saved_tensors
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, safe_targets, counted, log_normalizers, mean_logits = ctx.saved_tensors
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
         if grad_hidden is None and grad_weight is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad_logps = torch.where(counted, grad_logps.float(), 0.0).unsqueeze(1)
+        if ctx.with_entropy:
+            grad_entropy = torch.where(counted, grad_entropy.float(), 0.0).unsqueeze(1)
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             end = start + ctx.chunk_tokens
             h, g = hidden[start:end], grad_logps[start:end]
             logits = (h @ weight.t()).float()
-            grad_logits = logits.sub_(log_normalizers[start:end].unsqueeze(1)).exp_().mul_(-g)  # -g * softmax
+            if ctx.with_entropy:  # -p * (g + g_H * (z - sum(p z)))
+                g_h = grad_entropy[start:end]
+                probs = (logits - log_normalizers[start:end].unsqueeze(1)).exp_()
+                weight_of_p = logits.sub_(mean_logits[start:end].unsqueeze(1)).mul_(g_h).add_(g)
+                grad_logits = probs.mul_(weight_of_p).neg_()
+            else:
+                grad_logits = logits.sub_(log_normalizers[start:end].unsqueeze(1)).exp_().mul_(-g)  # -g * softmax
             grad_logits.scatter_add_(1, safe_targets[start:end], g)  # + g * one_hot(target)
             grad_logits = grad_logits.to(h.dtype)
             if grad_hidden is not None:
@@ -245,7 +265,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t().float(), h.float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 ADVANTAGE_SCALES = ("group_std", "batch_std", "none")
@@ -299,15 +319,23 @@ def grpo_loss(
     clip_high: float = 0.2,
     loss_agg: str = "token_mean",
     max_completion_length: int | None = None,
+    kl_clamp: float | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coeff: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped GRPO surrogate with an optional k3 KL penalty, as (loss_sum, count, stats).
+    """The clipped GRPO surrogate with an optional k3 KL penalty and entropy bonus, as (loss_sum, count, stats).
 
-    logps, old_logps, ref_logps, mask: (B, T) per completion token (policy now, policy that sampled, frozen
-    reference; mask 1 where a token is scored); advantages (B,), one per completion. Per token, with
-    ratio = exp(logps - old_logps) and A the completion's advantage:
+    logps, old_logps, ref_logps, mask, entropy: (B, T) per completion token (policy now, policy that sampled,
+    frozen reference; mask 1 where a token is scored; the policy's entropy there); advantages (B,), one per
+    completion. Per token, with ratio = exp(logps - old_logps) and A the completion's advantage:
 
-        loss = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * kl
+        loss = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) + beta * kl - entropy_coeff * entropy
         kl   = exp(ref - logps) - (ref - logps) - 1          (k3: unbiased, always >= 0)
+
+    `kl_clamp` bounds kl to [-kl_clamp, kl_clamp] (veRL's `low_var_kl` clamps at 10, as DeepScaleR ran it): a
+    token whose policy has drifted far from the reference then stops pulling on the gradient through the KL term.
+    The entropy bonus (veRL's `entropy_coeff`, 0.001 in DeepScaleR's runs) is aggregated like the rest of the
+    token loss, which is veRL's token mean under `token_mean`.
 
     WHY a (sum, count) pair: the task base divides the gradient of the summed loss_sum by the count summed
     over the whole optimizer step (micro-batches and ranks), so the result does not depend on how rollouts
@@ -321,13 +349,14 @@ def grpo_loss(
     gradients (tests/test_grpo_loss.py). Every row counts as a sequence, even one with no scored token, as in TRL.
     stats (detached means over scored tokens): ratio_mean, clip_fraction_low (ratio below 1 - clip_low with
     A < 0: the clipped term is the active one), clip_fraction_high (above 1 + clip_high with A > 0),
-    clip_fraction (either), kl (when beta > 0), and tokens (their number, to weight means across micro-batches).
+    clip_fraction (either), kl (when beta > 0), entropy (when given), and tokens (their number, to weight means
+    across micro-batches).
     """
     if loss_agg not in GRPO_LOSS_AGGREGATIONS:
         raise ValueError(f"unknown GRPO loss_agg {loss_agg!r}: choose one of {', '.join(GRPO_LOSS_AGGREGATIONS)}")
     if logps.dim() != 2:
         raise ValueError(f"logps must be (batch, completion_tokens), got shape {tuple(logps.shape)}")
-    for name, tensor in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+    for name, tensor in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps), ("entropy", entropy)):
         if tensor is not None and tensor.shape != logps.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(logps.shape)} like logps")
     if tuple(advantages.shape) != (logps.shape[0],):
@@ -336,6 +365,10 @@ def grpo_loss(
         raise ValueError(f"GRPO beta must be >= 0, got {beta}")
     if beta > 0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (the frozen reference's token log-probs); or set beta=0")
+    if kl_clamp is not None and not kl_clamp > 0:
+        raise ValueError(f"kl_clamp must be > 0 (or None for no clamp), got {kl_clamp}")
+    if entropy_coeff < 0 or (entropy_coeff > 0 and entropy is None):
+        raise ValueError(f"entropy_coeff={entropy_coeff} must be >= 0, and > 0 needs the policy's token entropy")
     if not (0 <= clip_low < 1 and clip_high >= 0):
         raise ValueError(f"clip_low must lie in [0, 1) and clip_high be >= 0, got {clip_low} and {clip_high}")
     if loss_agg == "seq_mean_token_sum_norm" and (max_completion_length is None or max_completion_length < 1):
@@ -351,7 +384,11 @@ def grpo_loss(
     per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
     if beta > 0:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        if kl_clamp is not None:
+            kl = kl.clamp(-kl_clamp, kl_clamp)
         per_token = per_token + beta * kl
+    if entropy_coeff > 0:
+        per_token = per_token - entropy_coeff * entropy
     masked = per_token * mask
     n_sequences = torch.tensor(logps.shape[0], device=logps.device)
     if loss_agg == "token_mean":
@@ -379,4 +416,6 @@ def grpo_loss(
         }
         if beta > 0:
             stats["kl"] = token_mean(kl)
+        if entropy is not None:
+            stats["entropy"] = token_mean(entropy)
     return loss_sum, count, stats

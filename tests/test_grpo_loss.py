@@ -241,6 +241,48 @@ def test_clipping_and_k3_kl_known_values():
     assert stats["kl"].item() == pytest.approx(kl_first / 4, abs=1e-12)
 
 
+def test_kl_clamp_bounds_the_k3_term_as_verls_low_var_kl():
+    """Two tokens: ref - logps = log 100 gives k3 = 100 - log 100 - 1 = 94.4, clamped to 10 with no gradient;
+    ref - logps = log 2 gives 0.307, inside the bound, unchanged."""
+    logps = torch.tensor([[-5.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    ref_logps = logps.detach() + torch.tensor([[math.log(100.0), math.log(2.0)]], dtype=torch.float64)
+    zeros, mask, advantages = torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2), torch.zeros(1)
+    loss_sum, _, stats = grpo_loss(
+        logps, logps.detach(), advantages, mask, ref_logps=ref_logps, beta=1.0, kl_clamp=10.0
+    )
+    small = 2.0 - math.log(2.0) - 1.0
+    assert loss_sum.item() == pytest.approx(10.0 + small, abs=1e-12)
+    assert stats["kl"].item() == pytest.approx((10.0 + small) / 2, abs=1e-12)
+    loss_sum.backward()
+    # d k3 / d logps = 1 - exp(ref - logps): 0 where clamped, 1 - 2 = -1 inside
+    torch.testing.assert_close(logps.grad, torch.tensor([[0.0, -1.0]], dtype=torch.float64))
+    unclamped, _, _ = grpo_loss(logps.detach(), zeros + logps.detach(), advantages, mask, ref_logps=ref_logps, beta=1.0)
+    assert unclamped.item() == pytest.approx(100.0 - math.log(100.0) - 1.0 + small, abs=1e-9)
+
+
+def test_the_entropy_bonus_lowers_each_scored_tokens_loss_by_coeff_times_its_entropy():
+    logps, old_logps, advantages, _, mask = rollout_batch(seed=5, dtype=torch.float64)
+    entropy = torch.rand(logps.shape, generator=torch.Generator().manual_seed(6), dtype=logps.dtype) * 3
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        options = dict(loss_agg=agg, max_completion_length=16)
+        base, count, _ = grpo_loss(logps, old_logps, advantages, mask, **options)
+        bonus, same_count, stats = grpo_loss(
+            logps, old_logps, advantages, mask, entropy=entropy, entropy_coeff=0.001, **options
+        )
+        # the bonus alone, aggregated the same way: the loss of zero advantages with the same entropies
+        only_bonus, _, _ = grpo_loss(
+            logps, old_logps, torch.zeros_like(advantages), mask, entropy=entropy, entropy_coeff=0.001, **options
+        )
+        assert same_count == count
+        assert bonus.item() == pytest.approx(base.item() + only_bonus.item(), abs=1e-9)
+        scored = mask.bool()
+        assert stats["entropy"].item() == pytest.approx(entropy[scored].mean().item(), abs=1e-9)
+    token_bonus, _, _ = grpo_loss(
+        logps, old_logps, torch.zeros_like(advantages), mask, entropy=entropy, entropy_coeff=0.001
+    )
+    assert token_bonus.item() == pytest.approx(-0.001 * entropy[mask.bool()].sum().item(), abs=1e-9)
+
+
 def test_a_row_with_no_scored_token_counts_as_a_sequence_with_zero_loss():
     logps, old_logps, advantages, _, mask = rollout_batch(seed=2)
     mask[0] = 0
@@ -344,6 +386,13 @@ A = torch.zeros(2)
         ((T, T, A, T), {"ref_logps": torch.zeros(3, 3)}, "ref_logps has shape (3, 3), expected (2, 3) like logps"),
         ((T, T, torch.zeros(2, 1), T), {}, "advantages must be (2,), one per completion, got (2, 1)"),
         ((A, A, A, A), {}, "logps must be (batch, completion_tokens), got shape (2,)"),
+        ((T, T, A, T), {"kl_clamp": 0.0}, "kl_clamp must be > 0 (or None for no clamp), got 0.0"),
+        (
+            (T, T, A, T),
+            {"entropy_coeff": 0.001},
+            "entropy_coeff=0.001 must be >= 0, and > 0 needs the policy's token entropy",
+        ),
+        ((T, T, A, T), {"entropy": torch.zeros(2, 4)}, "entropy has shape (2, 4), expected (2, 3) like logps"),
     ],
 )
 def test_grpo_loss_bad_arguments_are_one_line_errors(args, kwargs, message):

@@ -97,6 +97,40 @@ def test_the_step_does_not_depend_on_how_rollouts_are_split():
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="group_size=1: group-relative advantages need at least 2 completions"):
         grpo(group_size=1)
+    with pytest.raises(ValueError, match=r"^need advantage_eps >= 0, entropy_coeff >= 0 and kl_clamp > 0 \(or null\)"):
+        grpo(kl_clamp=0.0)
+
+
+def test_the_entropy_bonus_is_the_full_softmax_entropy_of_the_policy_with_its_gradient():
+    """One pass on fixed rollouts (old log-probs are the current ones, ratio 1): the loss and the gradient with
+    entropy_coeff equal -A * ratio - coeff * H per token computed from the model's full logits."""
+    from moxin_lightning.tasks.grpo import Rollouts
+
+    task = grpo(entropy_coeff=0.01)
+    task.configure_model()
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 16, (4, 7), generator=g)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 2:6] = input_ids[:, 3:7]  # completion tokens at the positions that predict them
+    labels[3, 4:] = -100  # a shorter completion
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss_sum, count, stats = task._surrogate(Rollouts(input_ids, labels, advantages, None, None), slice(None))
+    loss_sum.backward()
+    ours = [p.grad.clone() for p in task.model.parameters()]
+    task.model.zero_grad()
+
+    scored = labels != -100
+    log_p = torch.log_softmax(task.model(input_ids).float(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    target_logp = log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ratio = torch.exp(target_logp - target_logp.detach())
+    expected = ((-advantages.unsqueeze(1) * ratio - 0.01 * entropy) * scored).sum()
+    expected.backward()
+    assert count.item() == scored.sum().item() == 14
+    torch.testing.assert_close(loss_sum, expected, atol=1e-5, rtol=0)
+    assert stats["entropy"].item() == pytest.approx(entropy[scored].mean().item(), abs=1e-5)
+    for got, want in zip(ours, (p.grad for p in task.model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_rollouts_run_in_budgeted_slots_with_one_prefill_per_prompt_and_log_engine_stats():
@@ -121,3 +155,17 @@ def test_rollouts_run_in_budgeted_slots_with_one_prefill_per_prompt_and_log_engi
     assert metrics["train/rollout_slots"] == 4 and metrics["train/prefill_tokens"] == 2 * len(PROMPTS)
     assert 0 < metrics["train/slot_occupancy"] <= 1
     assert metrics["train/generation_tokens_per_s"] > 0 and 0 < metrics["train/generation_share"] < 1
+
+
+def test_grpo_yaml_optimises_as_verl_ran_deepscaler():
+    """AdamW (0.9, 0.999) with weight decay 0.01 on every parameter, the entropy bonus, the clamped KL and the
+    advantage epsilon of veRL (agentica-project/deepscaler ran it): each marked [Moxin]."""
+    from tests.test_cli import ROOT, configs, printed_config
+
+    path = ROOT / "conf" / "grpo.yaml"
+    model = printed_config(*configs(path))["model"]["init_args"]
+    assert (model["betas"], model["weight_decay"], model["weight_decay_scope"]) == ([0.9, 0.999], 0.01, "all")
+    assert (model["entropy_coeff"], model["kl_clamp"], model["advantage_eps"]) == (0.001, 10.0, 1e-6)
+    lines = {line.split(":")[0].strip(): line for line in path.read_text().splitlines() if ":" in line}
+    for key in ("betas", "weight_decay", "weight_decay_scope", "entropy_coeff", "kl_clamp", "advantage_eps"):
+        assert "# [Moxin]" in lines[key], lines[key]

@@ -42,6 +42,30 @@ def test_values_and_gradients_equal_the_naive_log_softmax_gather(chunk):
     torch.testing.assert_close(weight_grad, ref_weight_grad, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_entropy_and_its_gradient_equal_the_full_softmax(chunk):
+    hidden, weight, targets, upstream = problem(seed=3)
+    entropy_upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(4))
+    counted = targets != IGNORE_INDEX
+
+    def naive(h, w):
+        log_p = torch.log_softmax(h.float() @ w.float().t(), dim=-1)
+        entropy = torch.where(counted, -(log_p.exp() * log_p).sum(-1), 0.0)
+        return naive_logprobs(h, w, targets), entropy
+
+    results = []
+    for fn in (naive, lambda h, w: token_logprobs(h, w, targets, chunk_tokens=chunk, with_entropy=True)):
+        hidden.grad, weight.grad = None, None
+        logps, entropy = fn(hidden, weight)
+        ((logps * upstream).sum() + (entropy * entropy_upstream).sum()).backward()
+        results.append((logps.detach(), entropy.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for ours, reference in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    entropy = results[1][1]
+    assert torch.all(entropy[~counted] == 0) and torch.all(entropy[counted] > 0)
+    assert float(entropy.max()) <= torch.log(torch.tensor(97.0)).item()  # at most log(vocab)
+
+
 def test_ignored_positions_are_zero_and_get_no_gradient():
     hidden, weight, targets, upstream = problem(ignored_fraction=0.5, seed=1)
     ignored = targets == IGNORE_INDEX

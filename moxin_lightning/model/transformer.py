@@ -114,18 +114,26 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         target_weights: torch.Tensor | None = None,
         target_logprobs: bool = False,
+        target_entropy: bool = False,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab), or what `head` makes of the hidden states: with `targets` (B, T) the summed
         next-token cross-entropy and the number of counted targets (`target_weights` scales each token's loss),
-        with `target_logprobs` the log-probability of each target; with `logits_at` (B,) only the logits at that
+        with `target_logprobs` the log-probability of each target (and with `target_entropy` the entropy of each
+        counted position's distribution too, as a pair); with `logits_at` (B,) only the logits at that
         column of each row, (B, vocab) (a prefill needs only each prompt's last). Everything goes through
         `forward` so that sharding wrappers (FSDP2) gather the embedding and the head themselves: a caller never
         unshards by hand."""
         hidden = self.hidden_states(input_ids, doc_ids=doc_ids, positions=positions, cache=cache)
         if logits_at is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at]
-        return self.head(hidden, targets, target_weights=target_weights, target_logprobs=target_logprobs)
+        return self.head(
+            hidden,
+            targets,
+            target_weights=target_weights,
+            target_logprobs=target_logprobs,
+            target_entropy=target_entropy,
+        )
 
     def head(
         self,
@@ -134,13 +142,17 @@ class Transformer(nn.Module):
         *,
         target_weights: torch.Tensor | None = None,
         target_logprobs: bool = False,
+        target_entropy: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The output head, the one surface from final hidden states to what a caller needs: logits (..., vocab);
         with `targets` the fused next-token loss (summed) and the count of counted targets, never storing the
         logits (`losses.linear_cross_entropy`); with `target_logprobs` each target's log-probability, 0 where it is
-        ignored (DPO, GRPO). Decoding, evaluation and the tasks all use it."""
+        ignored (DPO, GRPO), and with `target_entropy` also each counted position's entropy (GRPO's entropy
+        bonus), from the same chunked logits. Decoding, evaluation and the tasks all use it."""
+        if target_entropy and not (targets is not None and target_logprobs):
+            raise ValueError("target_entropy comes with target_logprobs: pass targets and target_logprobs=True")
         if targets is not None and target_logprobs:
-            return token_logprobs(hidden, self.lm_head.weight, targets)
+            return token_logprobs(hidden, self.lm_head.weight, targets, with_entropy=target_entropy)
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, weights=target_weights)
         return self.lm_head(hidden)

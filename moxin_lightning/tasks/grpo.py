@@ -51,6 +51,10 @@ class GRPO(TrainingTask):
         clip_low, clip_high: the surrogate's clipping range (1 - clip_low, 1 + clip_high).
         loss_agg: `token_mean` (DAPO), `seq_mean_token_mean` (original GRPO), `seq_mean_token_sum_norm` (Dr. GRPO).
         advantage_scale: `group_std`, `batch_std` or `none`.
+        advantage_eps: added to the std the advantages are divided by (TRL: 1e-4; veRL, so DeepScaleR: 1e-6).
+        kl_clamp: bound of the per-token k3 KL, +-kl_clamp (veRL's low_var_kl: 10); None: unclamped, as TRL.
+        entropy_coeff: weight of the entropy bonus subtracted from the token loss (veRL: 0.001); 0 computes no
+            entropy. Logged as `entropy` (mean over scored tokens) when on.
         epochs_per_batch: optimisation passes (optimizer steps) over each batch of rollouts.
         micro_batch_size: rollouts per forward/backward within a pass (the step's gradient does not depend on it).
         max_grad_norm: clipping of each optimizer step's global gradient norm (None: no clipping).
@@ -83,6 +87,9 @@ class GRPO(TrainingTask):
         clip_high: float = 0.2,
         loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean",
         advantage_scale: Literal["group_std", "batch_std", "none"] = "group_std",
+        advantage_eps: float = 1e-4,
+        kl_clamp: float | None = None,
+        entropy_coeff: float = 0.0,
         epochs_per_batch: int = 1,
         micro_batch_size: int | None = None,
         max_grad_norm: float | None = 1.0,
@@ -91,6 +98,11 @@ class GRPO(TrainingTask):
     ) -> None:
         if group_size < 2:
             raise ValueError(f"group_size={group_size}: group-relative advantages need at least 2 completions")
+        if advantage_eps < 0 or entropy_coeff < 0 or (kl_clamp is not None and kl_clamp <= 0):
+            raise ValueError(
+                f"need advantage_eps >= 0, entropy_coeff >= 0 and kl_clamp > 0 (or null); got {advantage_eps}, "
+                f"{entropy_coeff}, {kl_clamp}"
+            )
         if epochs_per_batch < 1 or (micro_batch_size is not None and micro_batch_size < 1):
             raise ValueError("epochs_per_batch and micro_batch_size must be >= 1")
         if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
@@ -100,7 +112,8 @@ class GRPO(TrainingTask):
         self.reward = CombinedReward(rewards, reward_weights)
         self.group_size, self.beta, self.temperature, self.top_p = group_size, beta, temperature, top_p
         self.max_response_length, self.clip_low, self.clip_high = max_response_length, clip_low, clip_high
-        self.loss_agg, self.advantage_scale = loss_agg, advantage_scale
+        self.loss_agg, self.advantage_scale, self.advantage_eps = loss_agg, advantage_scale, advantage_eps
+        self.kl_clamp, self.entropy_coeff = kl_clamp, entropy_coeff
         self.epochs_per_batch, self.micro_batch_size, self.max_grad_norm = (
             epochs_per_batch,
             micro_batch_size,
@@ -166,7 +179,7 @@ class GRPO(TrainingTask):
         answers = [str(a) for a in batch["answer"] for _ in range(self.group_size)]
         prompt_texts = [p for p in batch["prompt_text"] for _ in range(self.group_size)]
         rewards = torch.tensor(self.reward(texts, answers, prompt_texts), dtype=torch.float32)
-        advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale)
+        advantages = group_advantages(rewards, self.group_size, scale=self.advantage_scale, eps=self.advantage_eps)
         input_ids, labels = _rows(prompts, completions, pad_id=max(tokenizer.pad_id, 0))
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         old_logps = None  # one pass: the sampling weights are the weights being optimised, no extra forward
@@ -198,7 +211,13 @@ class GRPO(TrainingTask):
 
     def _surrogate(self, rollouts: Rollouts, rows: slice) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         labels = rollouts.labels[rows]
-        logps = self.model(rollouts.input_ids[rows], targets=labels, target_logprobs=True)
+        entropy = None
+        if self.entropy_coeff > 0:
+            logps, entropy = self.model(
+                rollouts.input_ids[rows], targets=labels, target_logprobs=True, target_entropy=True
+            )
+        else:
+            logps = self.model(rollouts.input_ids[rows], targets=labels, target_logprobs=True)
         return grpo_loss(
             logps,
             logps.detach() if rollouts.old_logps is None else rollouts.old_logps[rows],
@@ -210,6 +229,9 @@ class GRPO(TrainingTask):
             clip_high=self.clip_high,
             loss_agg=self.loss_agg,
             max_completion_length=self.max_response_length,
+            kl_clamp=self.kl_clamp,
+            entropy=entropy,
+            entropy_coeff=self.entropy_coeff,
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
