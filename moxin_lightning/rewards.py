@@ -1,11 +1,12 @@
-"""Outcome rewards for GRPO: math answer correctness, answer format, user rewards, and their weighted sum.
+"""Outcome rewards for GRPO: math answer correctness, DeepScaleR's think-then-answer reward, answer format, user
+rewards, and their weighted sum.
 
 A reward scores a batch of completions at once (`Reward.__call__(completions, answers, prompts) -> list[float]`),
 so one that calls a model or a grader can batch its work. YAML names rewards by class_path, user classes included:
 
     model:
       rewards:
-        - class_path: moxin_lightning.rewards.MathAnswer
+        - class_path: moxin_lightning.rewards.MathAnswer     # or ThinkThenAnswer: DeepScaleR's, after </think>
         - class_path: moxin_lightning.rewards.Format
           init_args: {answer: hash}
         - class_path: my_pkg.rewards.Brevity     # any Reward subclass
@@ -186,6 +187,38 @@ class MathAnswer(Reward):
         gold = _parse_reference(reference, timeout)
         guess = parse(f"${predicted}$", parsing_timeout=timeout)
         return bool(gold and guess and verify(list(gold), guess, timeout_seconds=timeout))
+
+
+class ThinkThenAnswer(MathAnswer):
+    """DeepScaleR's outcome reward (what Moxin-Reasoning's GRPO ran): 1.0 when the completion closes its reasoning
+    with `</think>` and the `\\boxed{}` answer written after it equals the reference answer, else 0.0.
+
+    As agentica-project/deepscaler's `deepscaler/rewards/math_reward.py` grades a response:
+    - no `</think>` in the completion scores 0 (a reasoning cut off by the length limit never reaches an answer);
+    - the answer is read from the text after the first `</think>` only (up to a second `</think>`, if the model
+      writes one), so an answer boxed inside the reasoning earns nothing;
+    - only a `\\boxed{}` answer counts, compared with the reference as `MathAnswer` does (exact for plain numbers,
+      math-verify for the rest; a boxed reference, e.g. a MATH solution, gives its boxed answer).
+    DeepScaleR's prompt template opens the `<think>` block itself, so the completion need not: `require_open`
+    also asks the completion to contain `<think>` before its `</think>`.
+
+    Args:
+        require_open: score 0 unless `<think>` comes before the first `</think>`.
+        timeout_s, max_answer_chars: as for `MathAnswer`.
+    """
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self, require_open: bool = False, timeout_s: int = 5, max_answer_chars: int = 500) -> None:
+        super().__init__(extract="boxed", timeout_s=timeout_s, max_answer_chars=max_answer_chars)
+        self.require_open = require_open
+
+    def score(self, completion: str, reference: str | int | float) -> float:
+        thought, closed, after = completion.partition(self.CLOSE)
+        if not closed or (self.require_open and self.OPEN not in thought):
+            return 0.0
+        answer_part = after.partition(self.CLOSE)[0]
+        return super().score(answer_part, reference)
 
 
 class Format(Reward):

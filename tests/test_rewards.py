@@ -16,6 +16,7 @@ from moxin_lightning.rewards import (
     FunctionReward,
     MathAnswer,
     Reward,
+    ThinkThenAnswer,
     extract_answer,
     last_boxed,
     last_hash_answer,
@@ -155,6 +156,43 @@ def test_math_answer_outside_the_main_thread() -> None:
     assert results == [[1.0, 0.0]]
 
 
+# ------------------------------------------------------------------------------------ DeepScaleR's think reward
+
+
+@pytest.mark.parametrize(
+    "completion, reference, expected",
+    [
+        ("<think>2 + 2 = 4</think> The answer is \\boxed{4}.", "4", 1.0),
+        ("<think>2 + 2 = 4</think> The answer is \\boxed{5}.", "4", 0.0),  # wrong answer after </think>
+        ("2 + 2 = 4, so the answer is \\boxed{4}.", "4", 0.0),  # never closes </think>: a format error
+        ("<think>2 + 2 = 4, so \\boxed{4}", "4", 0.0),  # cut off inside the reasoning
+        ("<think>so \\boxed{4}</think> That is all.", "4", 0.0),  # the answer only inside the reasoning
+        ("<think>maybe \\boxed{5}</think> no: \\boxed{4}", "4", 1.0),  # a box in the reasoning is not read
+        ("<think>maybe \\boxed{5}</think> no: \\boxed{4}", "5", 0.0),
+        ("2 + 2 = 4</think>\n\\boxed{4}", "4", 1.0),  # DeepScaleR's prompt opened <think>: only the close counts
+        ("<think>a</think> \\boxed{4} </think> \\boxed{5}", "4", 1.0),  # read up to a second </think> only
+        ("<think>a</think> \\boxed{4} </think> \\boxed{5}", "5", 0.0),
+        ("<think>a</think>\n#### 4", "4", 0.0),  # only a boxed answer counts
+        ("<think>a</think>\n\\boxed{\\frac{1}{2}}", "0.5", 1.0),  # exact fractions
+        ("<think>a</think> \\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0),  # math-verify
+        ("<think>a</think> \\boxed{4}", "so the total is \\boxed{4}", 1.0),  # a MATH solution as reference
+        ("<think>a</think> \\boxed{4}", 4, 1.0),  # a number read from JSON
+        ("", "4", 0.0),
+    ],
+)
+def test_think_then_answer_grades_only_the_text_after_the_reasoning(completion, reference, expected) -> None:
+    assert ThinkThenAnswer()([completion], [reference], [""]) == [expected]
+
+
+def test_think_then_answer_can_require_the_opening_tag_too() -> None:
+    completions = ["<think>2 + 2 = 4</think> \\boxed{4}", "2 + 2 = 4</think> \\boxed{4}", "</think><think> \\boxed{4}"]
+    assert ThinkThenAnswer(require_open=True)(completions, ["4"] * 3, [""] * 3) == [1.0, 0.0, 0.0]
+    # as DeepScaleR reads it: only the close matters, so the last one's answer "<think> \\boxed{4}" counts
+    assert ThinkThenAnswer()(completions, ["4"] * 3, [""] * 3) == [1.0, 1.0, 1.0]
+    reward = ThinkThenAnswer()
+    assert (reward.name, reward.extract) == ("think_then_answer", "boxed")
+
+
 # --------------------------------------------------------------------------------------------------- format
 
 
@@ -257,12 +295,16 @@ def test_rewards_are_chosen_by_class_path_in_yaml() -> None:
             init_args: {max_chars: 6}
           - class_path: moxin_lightning.rewards.FunctionReward
             init_args: {function: tests.test_rewards.has_question_mark}
-        reward_weights: [1.0, 0.5, 2.0]
+          - class_path: moxin_lightning.rewards.ThinkThenAnswer
+            init_args: {require_open: true}
+        reward_weights: [1.0, 0.5, 2.0, 4.0]
         """
     )
     built = parser.instantiate(config)
     rewards = built.rewards
-    assert [type(r) for r in rewards] == [MathAnswer, Brevity, FunctionReward]
+    assert [type(r) for r in rewards] == [MathAnswer, Brevity, FunctionReward, ThinkThenAnswer]
     assert rewards[0].extract == "hash" and rewards[1].max_chars == 6 and rewards[2].function is has_question_mark
+    assert rewards[3].require_open is True
     combined = CombinedReward(rewards, built.reward_weights)
-    assert combined(["#### 3", "#### 4 is it"], ["3", "3"], ["why?", "no"]) == [1.0 + 0.5 + 2.0, 0.0]
+    completions = ["#### 3", "#### 4 is it", "<think>1 + 2</think>\\boxed{3}"]
+    assert combined(completions, ["3", "3", "3"], ["why?", "no", "no"]) == [1.0 + 0.5 + 2.0, 0.0, 4.0]
