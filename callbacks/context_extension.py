@@ -4,29 +4,23 @@ A schedule `{step: seq_len}` or `{step: {seq_len: N, rope_theta: X}}` says which
 step `step` and the following ones train on. Tokens per optimizer step stay constant: rows per batch become
 `batch_size * seq_len / new_seq_len`, where `batch_size` and `seq_len` are the datamodule's configured ones.
 
-When the switch happens, and why there:
-- Lightning asks a sized training loader (PretrainData's stream has a length) for a batch only when it starts
-  that batch: `_PrefetchDataFetcher` skips its look-ahead when the length is known. And the stream reads its
-  row length and batch size afresh for every batch.
-- `trainer.global_step` counts optimizer steps; it becomes S inside the last micro-batch of step S - 1.
-So switching in `on_train_batch_end` as soon as `global_step` reaches S makes every micro-batch of step S, and
-none of step S - 1, use the new setting, with any `accumulate_grad_batches`. The token stream continues
-across the switch: nothing is skipped or repeated.
-
-On resume the datamodule starts from its configured length and the model from its configured theta, so
-`on_train_start`, which runs after the checkpoint (and `global_step`) is restored and before the first batch
-is fetched, re-applies the setting in force at the restored step. The setting is a function of the step, so
-the callback keeps no state of its own in the checkpoint.
+The switch is `StepSchedule`'s (`callbacks/step_schedule.py`): in `on_train_batch_end` as soon as `global_step`
+reaches S, and again in `on_train_start` after a resume. It lands exactly there for the data too because
+Lightning asks a sized training loader (PretrainData's stream has a length) for a batch only when it starts that
+batch (`_PrefetchDataFetcher` skips its look-ahead when the length is known), and the stream reads its row length
+and batch size afresh for every batch. The token stream continues across the switch: nothing is skipped or
+repeated. On resume the datamodule starts from its configured length and the model from its configured theta;
+the setting of the restored step is applied before the first batch is fetched.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+
+from moxin_lightning.callbacks.step_schedule import StepSchedule, checked_step, is_int
 
 
 class Phase(TypedDict):
@@ -45,16 +39,11 @@ class Setting:
     rope_theta: float
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _checked_phase(step: Any, value: Any) -> tuple[int, Phase]:
     """One schedule entry as (step, Phase), or a one-line error saying what is wrong with it."""
-    if not _is_int(step) or step < 0:
-        raise ValueError(f"ContextExtension schedule step {step!r} must be an integer >= 0 (an optimizer step)")
-    phase: Any = {"seq_len": value} if _is_int(value) else value
-    if not isinstance(phase, dict) or not _is_int(phase.get("seq_len")) or set(phase) - {"seq_len", "rope_theta"}:
+    step = checked_step("ContextExtension", step)
+    phase: Any = {"seq_len": value} if is_int(value) else value
+    if not isinstance(phase, dict) or not is_int(phase.get("seq_len")) or set(phase) - {"seq_len", "rope_theta"}:
         raise ValueError(
             f"ContextExtension schedule entry {step}: {value!r} must be a seq_len or {{seq_len: N, rope_theta: X}}"
         )
@@ -66,7 +55,7 @@ def _checked_phase(step: Any, value: Any) -> tuple[int, Phase]:
     return step, Phase(**phase)
 
 
-class ContextExtension(Callback):
+class ContextExtension(StepSchedule[Setting]):
     """Switch the datamodule's row length (and the model's RoPE theta) at scheduled optimizer steps.
 
     Args:
@@ -82,9 +71,8 @@ class ContextExtension(Callback):
     def __init__(self, schedule: dict[int, int | Phase]) -> None:
         if not isinstance(schedule, dict) or not schedule:
             raise ValueError(f"ContextExtension needs a non-empty schedule {{step: seq_len}}, got {schedule!r}")
+        super().__init__()
         self.schedule: dict[int, Phase] = dict(sorted(_checked_phase(step, value) for step, value in schedule.items()))
-        self._steps: list[int] = []
-        self._settings: list[Setting] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the whole schedule against the data and the model before any training is spent."""
@@ -120,26 +108,15 @@ class ContextExtension(Callback):
                 )
             current = Setting(seq_len, tokens // seq_len, float(phase.get("rope_theta", current.rope_theta)))
             settings[step] = current
-        self._steps, self._settings = list(settings), list(settings.values())
+        self.set_settings(settings)
 
-    def setting_at(self, step: int) -> Setting:
-        """The setting optimizer step `step` trains with (call after setup)."""
-        return self._settings[bisect.bisect_right(self._steps, step) - 1]
-
-    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Make the next batch and forward use the setting of step `global_step` (a no-op when they do)."""
-        setting = self.setting_at(trainer.global_step)
+    def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, setting: Setting) -> None:
+        """Make the next batch and forward use `setting` (a no-op when they do)."""
         data = trainer.datamodule
         if (data.seq_len, data.batch_size) != (setting.seq_len, setting.batch_size):
             data.set_seq_len(setting.seq_len, setting.batch_size)
         if pl_module.model_config.rope_theta != setting.rope_theta:
             pl_module.set_rope_theta(setting.rope_theta)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply(trainer, pl_module)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def log_setting(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log("train/seq_len", float(trainer.datamodule.seq_len), on_step=True, on_epoch=False, batch_size=1)
-        self._apply(trainer, pl_module)
