@@ -1,8 +1,13 @@
 """Chat records (Tülu 3 `messages`) -> items of token ids and the assistant mask, for SFT.
 
 A record is `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}` (Tülu 3's SFT
-mixture, open-instruct's and TRL's conversational form), from .jsonl / .json / .parquet files or a built-in chat
-corpus (`builtin-chat:pydoc`, `builtin-chat:arithmetic?count=2000`, see `builtin_chat`).
+mixture, open-instruct's and TRL's conversational form; OpenR1-Math-220k's `messages` column), or ShareGPT's
+`{"conversations": [{"from": "human" | "user" | "gpt" | "assistant" | "system", "value": str}, ...]}` with an
+optional `system` string that opens the conversation (OpenThoughts-114k: `system` + `conversations`), from
+.jsonl / .json / .parquet files or a built-in chat corpus (`builtin-chat:pydoc`,
+`builtin-chat:arithmetic?count=2000`, see `builtin_chat`). A record with both reads `messages`. Turns are taken
+as written: OpenThoughts' replies keep their `<|begin_of_thought|>` ... `<|end_of_solution|>` sections, as its
+system prompt asks for them.
 
 A conversation is encoded by the chat template (ids, and which ids are the assistant's) and cut to `max_length`
 tokens. Its item is `{"ids": int32[n], "trained": uint8[n]}`; the datamodule turns `trained` into next-token labels
@@ -27,6 +32,8 @@ from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import ASSISTANT, ROLES, SYSTEM, USER, ChatTemplate
 
 MESSAGES = "messages"
+CONVERSATIONS, SYSTEM_FIELD = "conversations", "system"  # ShareGPT's form (OpenThoughts-114k)
+SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
 # Why a record was not trained on; the manifest and `ChatData.skipped` count skips under exactly these strings.
 MISSING_MESSAGES = "missing messages"
 BAD_MESSAGES = "messages not a non-empty list of {role, content: str}"
@@ -62,6 +69,22 @@ def messages_problem(messages: Any) -> str | None:
     return None
 
 
+def sharegpt_messages(record: dict[str, Any]) -> Any:
+    """ShareGPT's `conversations` (and `system`) as `messages`; what cannot be mapped is left for
+    `messages_problem` to name (a turn that is no {from, value: str} object, an unknown speaker)."""
+    turns, system = record[CONVERSATIONS], record.get(SYSTEM_FIELD)
+    if not isinstance(turns, list) or not (system is None or isinstance(system, str)):
+        return []  # not a conversation: BAD_MESSAGES
+    messages: list[Any] = [{"role": SYSTEM, "content": system}] if system and system.strip() else []
+    for turn in turns:
+        if isinstance(turn, dict):
+            speaker = turn.get("from")
+            role = SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker
+            turn = {"role": role, "content": turn.get("value")}
+        messages.append(turn)
+    return messages
+
+
 def trainable_tokens(trained: list[bool] | np.ndarray) -> int:
     """Labels a conversation yields: tokens that are the assistant's and have a token before them."""
     return int(np.count_nonzero(trained[1:]))
@@ -72,10 +95,13 @@ class ChatFormat(RecordFormat):
 
     name = "chat"
     builtin_prefixes = (BUILTIN_CHAT,)
-    needs = (MESSAGES,)
+    needs = ((MESSAGES, CONVERSATIONS),)
+    optional = (SYSTEM_FIELD,)
     all_columns = False
     not_text = "{path} is a .txt file; chat records need .jsonl, .json or .parquet with a 'messages' field"
-    missing = "{path} has no column 'messages' (columns: {columns}); chat records need one"
+    missing = (
+        "{path} has no column 'messages' (columns: {columns}); chat records need one, or ShareGPT's 'conversations'"
+    )
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, max_length: int) -> None:
         super().__init__(tokenizer, template)
@@ -94,6 +120,8 @@ class ChatFormat(RecordFormat):
         if not isinstance(value, dict):
             return NOT_AN_OBJECT
         messages = value.get(MESSAGES)
+        if messages is None and value.get(CONVERSATIONS) is not None:
+            messages = sharegpt_messages(value)
         problem = messages_problem(messages)
         if problem:
             return problem

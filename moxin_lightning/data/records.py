@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from moxin_lightning.data.sources import DataError, ObjectRecord, expand_input, read_objects, split_name
+from moxin_lightning.data.sources import Columns, DataError, ObjectRecord, expand_input, read_objects, split_name
 from moxin_lightning.tokenizers.base import Tokenizer
 from moxin_lightning.tokenizers.chat import ChatTemplate
 
@@ -248,7 +248,8 @@ class RecordFormat(ABC):
 
     name: ClassVar[str]
     builtin_prefixes: ClassVar[tuple[str, ...]] = ()  # built-in corpora this format reads
-    needs: ClassVar[tuple[str, ...]] = ()  # parquet columns a file must have
+    needs: ClassVar[Columns] = ()  # parquet columns a file must have (a tuple inside: one of these)
+    optional: ClassVar[tuple[str, ...]] = ()  # parquet columns read too when a file has them
     all_columns: ClassVar[bool] = True
     not_text: ClassVar[str] = "{path} is a .txt file; records must be .jsonl, .json or .parquet"
     missing: ClassVar[str] = "{path} has no columns {needs} (columns: {columns})"
@@ -284,8 +285,16 @@ class RecordFormat(ABC):
         if spec.startswith(BUILTIN_PREFIXES):
             choices = " or ".join(prefix + "..." for prefix in self.builtin_prefixes) or "none"
             raise DataError(f"{spec} holds no {self.name} records; the built-in {self.name} corpora are {choices}")
-        missing = self.missing.replace("{needs}", ", ".join(repr(n) for n in self.needs))
-        yield from read_objects(spec, self.needs, all_columns=self.all_columns, not_text=self.not_text, missing=missing)
+        needs = ", ".join(repr(n) if isinstance(n, str) else " or ".join(map(repr, n)) for n in self.needs)
+        missing = self.missing.replace("{needs}", needs)
+        yield from read_objects(
+            spec,
+            self.needs,
+            all_columns=self.all_columns,
+            not_text=self.not_text,
+            missing=missing,
+            optional=self.optional,
+        )
 
     def units(self, spec: str) -> list[str]:
         """The units of work one input splits into: a file each, a built-in corpus whole."""

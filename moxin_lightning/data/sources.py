@@ -537,14 +537,18 @@ class _JsonArray:
                 return value, undecodable
 
 
+Columns = tuple[str | tuple[str, ...], ...]  # column names; a tuple inside: alternatives, at least one present
+
+
 def read_objects(
-    spec: str, needs: tuple[str, ...], *, all_columns: bool, not_text: str, missing: str
+    spec: str, needs: Columns, *, all_columns: bool, not_text: str, missing: str, optional: tuple[str, ...] = ()
 ) -> Iterator[ObjectRecord]:
     """Every JSON object one file input names (a path, glob, folder or URL, as for `prepare --input`, not a
     `builtin:` one: callers say which built-ins they take), in a fixed order.
 
     A `.jsonl` file gives one object per line; a `.json` file the elements of its JSON array (or its lines, see
-    `json_file_objects`), both optionally compressed; a `.parquet` file one per row, holding its columns `needs`,
+    `json_file_objects`), both optionally compressed; a `.parquet` file one per row, holding its columns `needs`
+    (an entry that is a tuple of names: those of them the file has, at least one) and those of `optional` it has,
     or every column with `all_columns` (list and struct columns come back as lists and dicts). A `.txt` file raises
     DataError `not_text` and a parquet file without a column of `needs` raises DataError `missing`, both formatted
     with the file's `path` (and `missing` with its `columns`), so each caller names what its records need.
@@ -555,7 +559,7 @@ def read_objects(
             raise DataError(not_text.format(path=source.path))
         try:
             if kind == ".parquet":
-                yield from _parquet_objects(source.path, needs, all_columns, missing)
+                yield from _parquet_objects(source.path, needs, optional, all_columns, missing)
             else:
                 yield from _json_objects(source.path, kind)
         except DataError:
@@ -572,17 +576,24 @@ def _json_objects(path: str, kind: str) -> Iterator[ObjectRecord]:
         yield from _objects(path, kind, _decompress(raw, compression))
 
 
-def _parquet_objects(path: str, needs: tuple[str, ...], all_columns: bool, missing: str) -> Iterator[ObjectRecord]:
+def _parquet_objects(
+    path: str, needs: Columns, optional: tuple[str, ...], all_columns: bool, missing: str
+) -> Iterator[ObjectRecord]:
     import fsspec
     import pyarrow.parquet as pq
 
     with fsspec.open(path, "rb") as raw:
         table = pq.ParquetFile(raw)
         names = table.schema_arrow.names
-        if any(column not in names for column in needs):
-            raise DataError(missing.format(path=path, columns=", ".join(names)))
+        read: list[str] = []
+        for need in needs:
+            present = [column for column in ((need,) if isinstance(need, str) else need) if column in names]
+            if not present:
+                raise DataError(missing.format(path=path, columns=", ".join(names)))
+            read.extend(present)
+        read.extend(column for column in optional if column in names and column not in read)
         row = 0
-        for batch in table.iter_batches(columns=None if all_columns else list(needs), batch_size=1024):
+        for batch in table.iter_batches(columns=None if all_columns else read, batch_size=1024):
             for value in batch.to_pylist():
                 yield ObjectRecord(f"{path}#{row}", value)
                 row += 1
