@@ -9,6 +9,12 @@ interpreter and seed. A `ChatData` entry names them as `builtin-chat:<name>[?cou
   a system prompt; some continue with a follow-up question about the next section of the same topic.
 * `arithmetic`: GSM8K-style word problems made procedurally, answered with a worked solution, one step per line,
   ending in `#### <answer>` (GSM8K's convention). Problem `i` of seed `s` is `arithmetic_problem((s << 32) + i)`.
+* `arithmetic_think`: the same problems in the form of reasoning data (OpenR1-Math-220k, DeepSeek-R1): the user
+  asks with DeepScaleR's instruction (`BOXED_INSTRUCTION`), the assistant works the steps inside
+  `<think>...</think>`, then states the final answer in `\\boxed{}` (`think_solution`).
+
+`builtin-prompts:arithmetic_think` asks the same kind of problems (other seeds) with that instruction, for GRPO
+with `rewards.ThinkThenAnswer`.
 
 For preference data, `wrong_solution(seed)` works the same problem as `arithmetic_problem(seed)` with one
 arithmetic slip, carried through the later steps to a wrong final answer: a correct and a wrong solution make
@@ -30,7 +36,7 @@ from moxin_lightning.atomic import written_file
 from moxin_lightning.data.sources import DataError
 
 PREFIX = "builtin-chat:"
-NAMES = ("pydoc", "arithmetic")
+NAMES = ("pydoc", "arithmetic", "arithmetic_think")
 DEFAULT_ARITHMETIC_COUNT = 1000
 ANSWER_CHARS = 1500  # a reply stops at the last paragraph boundary before this (but keeps its first paragraph)
 _UNDERLINE = re.compile(r"([=*\-~^])\1{2,}")
@@ -61,9 +67,10 @@ def chat_records(name: str, count: int | None = None, seed: int = 0) -> Iterator
     if name == "pydoc":
         records = pydoc_records(seed)
         yield from (records if count is None else records[:count])
-    elif name == "arithmetic":
+    elif name in ("arithmetic", "arithmetic_think"):
+        solve = arithmetic_problem if name == "arithmetic" else think_solution
         for index in range(DEFAULT_ARITHMETIC_COUNT if count is None else count):
-            question, solution, _ = arithmetic_problem((seed << 32) + index)
+            question, solution, _ = solve((seed << 32) + index)
             yield {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": solution}]}
     else:
         raise DataError(f"unknown built-in chat corpus {name!r}; choose one of: {', '.join(NAMES)}")
@@ -232,6 +239,21 @@ def arithmetic_problem(seed_or_rng: int | random.Random) -> tuple[str, str, int]
     return problem.question, solution, answer
 
 
+# DeepScaleR's instruction, appended to each problem (agentica-project/deepscaler scripts/data/deepscaler_dataset.py)
+BOXED_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def think_solution(seed_or_rng: int | random.Random) -> tuple[str, str, int]:
+    """(question + " " + `BOXED_INSTRUCTION`, reply, answer) for the problem `arithmetic_problem` makes from the
+    same seed. The reply is reasoning data's form: the worked steps inside `<think>...</think>`, then the final
+    answer in `\\boxed{}`, the form `rewards.ThinkThenAnswer` grades."""
+    problem = make_problem(seed_or_rng)
+    solution, answer = problem.work()
+    steps = solution.rpartition("\n")[0]  # the worked lines, without GSM8K's "#### N"
+    reply = f"<think>\n{steps}\nSo the answer is {answer}.\n</think>\n\nThe answer is \\boxed{{{answer}}}."
+    return f"{problem.question} {BOXED_INSTRUCTION}", reply, answer
+
+
 def wrong_solution(seed_or_rng: int | random.Random) -> tuple[str, int]:
     """(worked solution with one arithmetic slip, its wrong answer) for the problem `arithmetic_problem` makes from
     the same int seed. The slip keeps every value non-negative and always changes the final answer (the steps
@@ -389,7 +411,7 @@ _TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
 # ------------------------------------------------------------------------------------------------- GRPO prompts
 
 PROMPTS_PREFIX = "builtin-prompts:"
-PROMPT_NAMES = ("arithmetic", "gsm_symbolic")
+PROMPT_NAMES = ("arithmetic", "arithmetic_think", "gsm_symbolic")
 ANSWER_INSTRUCTION = 'Solve it step by step, then give the final answer on a last line of the form "#### <answer>".'
 
 
@@ -414,15 +436,20 @@ def prompt_records(name: str = "arithmetic", count: int | None = None, seed: int
 
     Prompt i of seed s is the question of `arithmetic_problem((s << 32) + i)` (the problem builtin-chat:arithmetic
     solves for the same i and s) followed by `ANSWER_INSTRUCTION`, which asks for GSM8K's final-line convention the
-    math reward reads; its answer is the problem's integer result, as text."""
+    math reward reads; its answer is the problem's integer result, as text. `arithmetic_think` asks the same
+    problem with DeepScaleR's `BOXED_INSTRUCTION` instead (the prompt of builtin-chat:arithmetic_think)."""
     if name not in PROMPT_NAMES:
         raise DataError(f"unknown built-in prompts {name!r}; choose one of: {', '.join(PROMPT_NAMES)}")
     if name == "gsm_symbolic":
         yield from _gsm_symbolic(DEFAULT_ARITHMETIC_COUNT if count is None else count, seed)
         return
     for index in range(DEFAULT_ARITHMETIC_COUNT if count is None else count):
-        question, _, answer = arithmetic_problem((seed << 32) + index)
-        yield {"prompt": f"{question}\n{ANSWER_INSTRUCTION}", "answer": str(answer)}
+        if name == "arithmetic_think":
+            prompt, _, answer = think_solution((seed << 32) + index)
+        else:
+            question, _, answer = arithmetic_problem((seed << 32) + index)
+            prompt = f"{question}\n{ANSWER_INSTRUCTION}"
+        yield {"prompt": prompt, "answer": str(answer)}
 
 
 def _gsm_symbolic(count: int, seed: int) -> Iterator[dict[str, Any]]:
