@@ -195,9 +195,7 @@ def test_builtin_think_chat_answers_after_the_reasoning_in_a_box(tokenizer):
         user, reply = record["messages"]
         assert user == {"role": "user", "content": f"{question} {BOXED_INSTRUCTION}"}
         steps = solution.removesuffix(f"\n#### {answer}")
-        assert reply["content"] == (
-            f"<think>\n{steps}\nSo the answer is {answer}.\n</think>\n\nThe answer is \\boxed{{{answer}}}."
-        )
+        assert reply["content"] == (f"<think>\n{steps}\n</think>\n\nThe answer is \\boxed{{{answer}}}.")
         assert think_solution((3 << 32) + index) == (user["content"], reply["content"], answer)
         completions.append(reply["content"])
         answers.append(str(answer))

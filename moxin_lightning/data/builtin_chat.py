@@ -246,11 +246,12 @@ BOXED_INSTRUCTION = "Let's think step by step and output the final answer within
 def think_solution(seed_or_rng: int | random.Random) -> tuple[str, str, int]:
     """(question + " " + `BOXED_INSTRUCTION`, reply, answer) for the problem `arithmetic_problem` makes from the
     same seed. The reply is reasoning data's form: the worked steps inside `<think>...</think>`, then the final
-    answer in `\\boxed{}`, the form `rewards.ThinkThenAnswer` grades."""
+    answer in `\\boxed{}`, the form `rewards.ThinkThenAnswer` grades. With the local tokenizer a reply is at most
+    120 tokens, within conf/grpo-local.yaml's 128-token responses."""
     problem = make_problem(seed_or_rng)
     solution, answer = problem.work()
     steps = solution.rpartition("\n")[0]  # the worked lines, without GSM8K's "#### N"
-    reply = f"<think>\n{steps}\nSo the answer is {answer}.\n</think>\n\nThe answer is \\boxed{{{answer}}}."
+    reply = f"<think>\n{steps}\n</think>\n\nThe answer is \\boxed{{{answer}}}."
     return f"{problem.question} {BOXED_INSTRUCTION}", reply, answer
 
 
