@@ -16,8 +16,16 @@ The harness sends three kinds of request; each is answered the way lm-eval's own
   (log p(BOS | BOS) is part of the total): the harness's convention, kept so perplexities agree.
 * `generate_until`: our rolling-cache generator (`moxin_lightning.generate`), greedy unless the task
   asks for `do_sample` with a temperature; a row stops at EOS or, checked every 32 tokens, once a stop
-  string has appeared; the text is cut at the first stop string.
+  string has appeared; the text is cut at the first stop string. A task with no stop strings (the reasoning
+  set: long answers ended by EOS) generates in one call.
   The context is cut from the left to leave room for `max_gen_toks` new tokens.
+
+On a live model (in-loop evaluation, `moxin_lightning.callbacks.InLoopEvaluation`): `freeze=False` leaves the
+model's mode and `requires_grad` alone, and `split_across_ranks=True` shares the work between the processes of
+the initialised `torch.distributed` group. Every process builds every request (lm-eval sees one process, so
+few-shot contexts and metrics are those of a one-process run); the batches, formed exactly as one process
+forms them, go to the ranks in turn (batch i to rank i mod world size), and the answers are exchanged, so each
+process returns all of them, batch for batch what one process computes.
 
 Text goes through our tokenizer (SentencePiece as in training). HF's conversion of a bare
 `tokenizer.model` in transformers 5 differs on one point: a text that *starts* with a space loses one
@@ -60,6 +68,11 @@ class MoxinLM(TemplateLM):
         device, dtype: where and in which precision to run (default: where the given model lives / as stored).
         seed: seed of sampled generations (greedy ones do not use it).
         add_bos_token: start every encoded text with BOS (default True, as HF's Llama tokenizer).
+        freeze: put the model in eval mode without gradients (default); False for a model that is being trained
+            (its owner switches modes around the evaluation).
+        split_across_ranks: under an initialised torch.distributed group, compute every world-size-th batch
+            here and exchange the answers (see the module docstring); every process must make the same calls.
+        show_progress: tqdm bars per request type.
     """
 
     backend = "causal"
@@ -77,6 +90,9 @@ class MoxinLM(TemplateLM):
         dtype: str | torch.dtype | None = None,
         seed: int = 0,
         add_bos_token: bool = True,
+        freeze: bool = True,
+        split_across_ranks: bool = False,
+        show_progress: bool = True,
         max_batch_size: int | None = None,  # noqa: ARG002 - passed by simple_evaluate; batches are fixed here
     ) -> None:
         super().__init__()
@@ -94,7 +110,7 @@ class MoxinLM(TemplateLM):
             raise ValueError("MoxinLM(model, tokenizer) needs the tokenizer object the model was trained with")
         elif device is not None or torch_dtype is not None:
             model = model.to(device=device, dtype=torch_dtype)
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False) if freeze else model
         self.tokenizer = tokenizer
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
         if not 1 <= self._max_length <= model.config.max_seq_len:
@@ -103,6 +119,8 @@ class MoxinLM(TemplateLM):
         self.seed = int(seed)
         self.add_bos_token = bool(add_bos_token)
         self._bos_piece = _bos_piece(tokenizer)
+        self.split_across_ranks = bool(split_across_ranks)
+        self.show_progress = bool(show_progress)
 
     # -- what the harness asks of every LM --------------------------------------------------------------------
 
@@ -170,19 +188,42 @@ class MoxinLM(TemplateLM):
                     "window; raise max_length or shorten the task's answers"
                 )
         order = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])))
+
+        def score(chunk: list, _: int) -> list[tuple[float, bool]]:
+            return self._score_batch([(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk], chunk)
+
         results: list[tuple[float, bool]] = []
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
-        for chunk in order.get_batched(n=self.batch_size):
-            answers = self._score_batch([(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in chunk], chunk)
+        batches = list(order.get_batched(n=self.batch_size))
+        scores = self._run_batches(batches, score, disable_tqdm, "loglikelihood")
+        for chunk, answers in zip(batches, scores, strict=True):
             for (request, _, _), answer in zip(chunk, answers, strict=True):
                 if request is not None:
                     self.cache_hook.add_partial("loglikelihood", request, answer)
                 results.append(answer)
-            progress.update(len(chunk))
-        progress.close()
         return order.get_original(results)
 
-    @torch.inference_mode()
+    def _run_batches(self, batches: list[list], compute, disable_tqdm: bool, kind: str) -> list[list]:
+        """`compute(batch, index)` for every batch, in order: all here, or (split_across_ranks under an initialised
+        process group) every world-size-th one here and the rest from the other ranks."""
+        rank, world = _rank_and_world() if self.split_across_ranks else (0, 1)
+        mine = range(rank, len(batches), world)
+        progress = tqdm(
+            total=sum(len(batches[i]) for i in mine), disable=disable_tqdm or not self.show_progress,
+            desc=f"Running {kind} requests" + (f" (rank {rank} of {world})" if world > 1 else ""),
+        )  # fmt: skip
+        answers: dict[int, list] = {}
+        for index in mine:
+            answers[index] = compute(batches[index], index)
+            progress.update(len(batches[index]))
+        progress.close()
+        if world > 1:
+            gathered: list[dict[int, list] | None] = [None] * world
+            torch.distributed.all_gather_object(gathered, answers)
+            for part in gathered:
+                answers.update(part)
+        return [answers[index] for index in range(len(batches))]
+
+    @torch.no_grad()  # not inference_mode: a live model's lazily built buffers must stay usable by training
     def _score_batch(self, inputs: list[list[int]], chunk: list) -> list[tuple[float, bool]]:
         """One right-padded forward pass; the head runs once, on just the positions that predict continuations."""
         ids = torch.zeros(len(inputs), max(len(row) for row in inputs), dtype=torch.long)
@@ -233,16 +274,18 @@ class MoxinLM(TemplateLM):
             group_by="gen_kwargs",
             group_fn=lambda req: req[1],
         )
-        results: list[str] = []
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests")
-        for batch_number, chunk in enumerate(order.get_batched(n=self.batch_size)):
+
+        def generate_batch(chunk: list, batch_number: int) -> list[str]:
             contexts, all_kwargs = zip(*chunk, strict=True)
-            texts = self._generate_batch(list(contexts), all_kwargs[0], seed=self.seed + batch_number)
+            return self._generate_batch(list(contexts), all_kwargs[0], seed=self.seed + batch_number)
+
+        results: list[str] = []
+        batches = list(order.get_batched(n=self.batch_size))
+        generations = self._run_batches(batches, generate_batch, disable_tqdm, "generate_until")
+        for chunk, texts in zip(batches, generations, strict=True):
             for (context, gen_kwargs), text in zip(chunk, texts, strict=True):
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
                 results.append(text)
-            progress.update(len(chunk))
-        progress.close()
         return order.get_original(results)
 
     def _generate_batch(self, contexts: list[str], gen_kwargs: dict[str, Any], seed: int) -> list[str]:
@@ -268,7 +311,7 @@ class MoxinLM(TemplateLM):
         produced: list[list[int]] = [[] for _ in prompts]
         active, done_tokens = list(range(len(prompts))), 0
         while active and done_tokens < max_new:
-            count = min(STOP_CHECK_TOKENS, max_new - done_tokens)
+            count = min(STOP_CHECK_TOKENS, max_new - done_tokens) if stops else max_new  # nothing to check but EOS
             rows = [prompts[i] + produced[i] for i in active]
             segment = generate(self.model, rows, count, seed=seed + done_tokens if sampled else None, **options)
             for i, tokens in zip(active, segment, strict=True):
@@ -287,6 +330,13 @@ class MoxinLM(TemplateLM):
             return True
         text = self.tok_decode(tokens)
         return any(stop in text for stop in stops)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
