@@ -3,7 +3,8 @@
     python -m moxin_lightning eval --checkpoint runs/phase1/release --tasks moxin_local
 
 Everything a run can trip on is checked before the model loads: the checkpoint exists, every task name is
-known (an unknown one is reported with close names), and every task's dataset can be read. The Hugging Face
+known (an unknown one is reported with close names), a task that runs model-written code (humaneval) is
+allowed by HF_ALLOW_CODE_EVAL=1, and every task's dataset can be read. The Hugging Face
 Hub is not contacted unless the user allows it (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE default to 1 here), so a
 Hub task whose dataset is not cached fails at once with the fix, instead of hanging on a network timeout.
 `--backend hf` runs lm-eval's own `HFLM` on the Hugging Face folder (a training checkpoint is exported to a
@@ -24,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from moxin_lightning.evaluation.task_sets import parse_task_names, resolve_tasks
+from moxin_lightning.evaluation.task_sets import code_execution_allowed, parse_task_names, resolve_tasks
 from moxin_lightning.release.write import DTYPES
 
 BACKENDS = ("moxin", "hf")
@@ -104,6 +105,7 @@ def run_eval(
             limit=int(limit) if limit is not None and limit >= 1 else limit,
             log_samples=False,
             bootstrap_iters=bootstrap_iters,
+            confirm_run_unsafe_code=code_execution_allowed(),  # resolve_tasks refused such tasks without the opt-in
             **seeds,
         )
     results["config"]["model"] = backend
