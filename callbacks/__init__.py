@@ -6,6 +6,7 @@ Configs name them by class path, e.g. `class_path: moxin_lightning.callbacks.Con
 """
 
 from moxin_lightning.callbacks.context_extension import ContextExtension, Phase
+from moxin_lightning.callbacks.in_loop_eval import InLoopEvaluation
 from moxin_lightning.callbacks.loss_spikes import LossSpikes
 from moxin_lightning.callbacks.progress import StepProgressBar
 from moxin_lightning.callbacks.promotion import CheckpointPromotion
@@ -16,6 +17,7 @@ from moxin_lightning.sweep.metrics_file import MetricsFile  # lives with the swe
 __all__ = [
     "CheckpointPromotion",
     "ContextExtension",
+    "InLoopEvaluation",
     "LossSpikes",
     "MetricsFile",
     "Phase",
