@@ -10,6 +10,10 @@ documents, which exact resume needs.
 
 Pretraining is one long streaming epoch bounded by the trainer's `max_steps`: a dataset that runs out
 starts its next pass (reshuffled) without ending the epoch.
+
+Validation is the same pass on any number of processes: every process reads the held-out splits whole, in order
+(random access, which does not depend on the process group), and scores its share of the pass's batches
+(`moxin_lightning.data.held_out`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 
 from moxin_lightning.data import manifest, remote  # remote: litdata's chunk downloads over http:// too
 from moxin_lightning.data.builtin import cache_key
+from moxin_lightning.data.held_out import padded, process_place, share
 from moxin_lightning.data.integrity import check_dataset, check_ids, verify_dataset
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
 from moxin_lightning.datamodules.packing import TokenPacker
@@ -60,6 +65,8 @@ class CheckedDocuments(StreamingDataset):
             split = Path(str(self.input_dir.path or self.input_dir.url)).name
             chunk_index = getattr(index, "chunk_index", None)
             try:
+                if chunk_index is None:  # read by position (the held-out splits): find its chunk
+                    chunk_index = self.cache._get_chunk_index_from_index(int(index))[1]
                 chunk = self.cache._reader.config._chunks[chunk_index]["filename"]
             except (AttributeError, IndexError, KeyError, TypeError):
                 chunk = "a chunk"
@@ -93,7 +100,8 @@ class PretrainData(L.LightningDataModule):
         num_workers: litdata reader processes per dataset.
         seed: shuffling and mixture seed.
         docs_per_read: documents taken from one dataset per mixture draw.
-        val_batches: batches in one validation pass over the held-out splits.
+        val_batches: batches in one validation pass over the held-out splits, all processes together: the
+            same batches on any number of processes, each process scoring its share.
         max_seq_len, vocab_size: limits to check against; taken from the task's `model_config` (a
             `ModelConfig`) when the datamodule is attached to a trainer.
         verify: re-hash every chunk of the local datasets against their manifests at setup (reads all the
@@ -144,6 +152,7 @@ class PretrainData(L.LightningDataModule):
         self.verify = verify
         self.manifests: list[dict[str, Any]] = []
         self._checked_before_start = False
+        self._validation_pass: list[dict[str, torch.Tensor]] | None = None
 
     # -- data and tokenizer ------------------------------------------------------------------------------
 
@@ -192,9 +201,11 @@ class PretrainData(L.LightningDataModule):
 
     def check_before_start(self, model_config: Any) -> None:
         """Everything `setup` refuses, before any logger or model starts (`moxin_lightning.preflight`): built-in
-        corpora are prepared on first use, then the datasets are checked against each other and the model."""
+        corpora are prepared on first use, then the datasets are checked against each other and the model, and the
+        validation pass is made (from the whole held-out splits: one too small for a batch is refused here)."""
         self.prepare_data()
         self._check(model_config)
+        self.validation_pass()
         self._checked_before_start = True
 
     def _check(self, model_config: Any) -> None:
@@ -256,23 +267,22 @@ class PretrainData(L.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------
 
-    def _loaders(
-        self, split: str, shuffle: bool, only: list[int] | None = None, docs_per_read: int | None = None
-    ) -> list[StreamingDataLoader]:
+    def _documents(self, path: str, split: str, shuffle: bool) -> CheckedDocuments:
         limit = self._read_manifests()[0]["tokenizer"]["vocab_size"]  # ids the data's tokenizer can make
         if self.vocab_size is not None:
             limit = min(limit, self.vocab_size)
+        directory = _split_dir(path, split)
+        return CheckedDocuments(directory, dataset=path, vocab_size=limit, shuffle=shuffle, seed=self.seed)
+
+    def _loaders(self, split: str, shuffle: bool) -> list[StreamingDataLoader]:
         return [
             StreamingDataLoader(
-                CheckedDocuments(
-                    _split_dir(path, split), dataset=path, vocab_size=limit, shuffle=shuffle, seed=self.seed
-                ),
-                batch_size=docs_per_read or self.docs_per_read,
+                self._documents(path, split, shuffle),
+                batch_size=self.docs_per_read,
                 num_workers=self.num_workers,
                 collate_fn=_keep_list,
             )
-            for index, path in enumerate(self.datasets)
-            if only is None or index in only
+            for path in self.datasets
         ]
 
     def train_dataloader(self) -> PackedStream:
@@ -287,17 +297,43 @@ class PretrainData(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> FixedBatches:
-        """The first `val_batches` batches of the held-out splits, the same every time.
+        """This process's share of the validation pass (see `held_out`)."""
+        return self.held_out(*process_place(self.trainer))
 
-        The mixture is drawn one document at a time, so the validation set is a weighted mix of every dataset's
-        held-out documents: with `docs_per_read` documents per draw, a small held-out split (the built-in corpora's)
-        was read whole by the first draw and validation scored one dataset only. Datasets prepared with
-        `--val_fraction 0` have no held-out split and take no part; with none left, there is no validation."""
-        with_val = [i for i, m in enumerate(self._read_manifests()) if m.get("splits", {}).get("val", {}).get("tokens")]
+    def held_out(self, rank: int = 0, world_size: int = 1) -> FixedBatches:
+        """Process `rank`'s share of the validation pass: its batches rank, rank + world_size, ..., then padding
+        batches (marked, weighing nothing) until it has as many as process 0, so that every process runs the same
+        number of validation steps (`moxin_lightning.data.held_out`). The token-weighted loss summed over the
+        processes is then the one-process loss of the whole pass, on any number of processes."""
+        indices, padding = share(len(self.validation_pass()), rank, world_size)
+        batches = [self.validation_pass()[index] for index in indices]
+        real = len(batches) - padding
+        return FixedBatches(batches[:real] + [padded(batch) for batch in batches[real:]])
+
+    def validation_pass(self) -> list[dict[str, torch.Tensor]]:
+        """The first `val_batches` batches of the held-out splits: the same list every time and on every process.
+
+        Every process reads the held-out splits whole, one document at a time in order (`HeldOutDocuments`): a
+        litdata loader would give each process its own chunks only, so that with a small split (one chunk) all but
+        one process had nothing, and the pass depended on the number of processes. The mixture is drawn one
+        document at a time, so the pass is a weighted mix of every dataset's held-out documents: with
+        `docs_per_read` documents per draw, a small held-out split (the built-in corpora's) was read whole by the
+        first draw and validation scored one dataset only. Datasets prepared with `--val_fraction 0` have no
+        held-out split and take no part; with none left, there is no validation. Refused in one line: held-out
+        splits too small for one batch (`check_before_start` makes the pass, so a fit stops before any work)."""
+        if self._validation_pass is not None:
+            return self._validation_pass
+        manifests = self._read_manifests()
+        with_val = [i for i, m in enumerate(manifests) if m.get("splits", {}).get("val", {}).get("tokens")]
         if not with_val:
-            return FixedBatches([])
+            self._validation_pass = []
+            return self._validation_pass
+        readers = [
+            HeldOutDocuments(self._documents(self.datasets[i], "val", shuffle=False), manifests[i]["splits"]["val"])
+            for i in with_val
+        ]
         stream = PackedStream(
-            self._loaders("val", shuffle=False, only=with_val, docs_per_read=1),
+            readers,
             self.weights[with_val] / self.weights[with_val].sum(),
             seed=self.seed,
             batch_size=lambda: self.val_shape[0],
@@ -306,14 +342,15 @@ class PretrainData(L.LightningDataModule):
             length=self.val_batches,
             repeat=False,
         )
-        batches = FixedBatches(list(stream))
+        batches = list(stream)
         if self.val_batches > 0 and not batches:
-            held_out = sum(self._read_manifests()[i]["splits"]["val"]["tokens"] for i in with_val)
+            held_out = sum(manifests[i]["splits"]["val"]["tokens"] for i in with_val)
             batch, length = self.val_shape
             raise ValueError(
                 f"the held-out splits hold {held_out} tokens, less than one validation batch of {batch} x {length}; "
                 "prepare the data with a larger --val_fraction, or set data.val_batches=0 for no validation"
             )
+        self._validation_pass = batches
         return batches
 
     def test_dataloader(self) -> FixedBatches:
@@ -331,6 +368,18 @@ class PretrainData(L.LightningDataModule):
 def _split_dir(dataset: str, split: str) -> str:
     """`dataset/split`; a URL keeps its `scheme://` (a Path would make `s3://b/x` into `s3:/b/x`)."""
     return f"{dataset.rstrip('/')}/{split}" if remote.is_remote(dataset) else str(Path(dataset) / split)
+
+
+class HeldOutDocuments:
+    """A held-out split's documents in order, one per read, read by position (`dataset[i]`), which litdata serves
+    the same way on every process: iterating a StreamingDataset would give each process its own chunks only."""
+
+    def __init__(self, dataset: CheckedDocuments, split: dict[str, Any]) -> None:
+        self.dataset, self.documents = dataset, int(split["documents"])
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for index in range(self.documents):
+            yield [self.dataset[index]]
 
 
 class FixedBatches:
@@ -351,11 +400,14 @@ class FixedBatches:
 
 
 class PackedStream:
-    """Infinite (or `length`-bounded) iterable of packed batches with an exact, checkpointable position."""
+    """Infinite (or `length`-bounded) iterable of packed batches with an exact, checkpointable position.
+
+    `loaders` yield lists of documents: litdata loaders for training (their state is the stream's position), or
+    `HeldOutDocuments` for the validation pass (made whole, never checkpointed)."""
 
     def __init__(
         self,
-        loaders: list[StreamingDataLoader],
+        loaders: list[StreamingDataLoader] | list[HeldOutDocuments],
         weights: np.ndarray,
         *,
         seed: int,

@@ -13,9 +13,11 @@ Every split is a folder `prepare --format chat|preference|prompts` wrote (`moxin
 Training streams the items with litdata: `StreamingDataset` splits them across processes and loader workers (each
 process gets as many), reshuffles every epoch from (seed, epoch), and `StreamingDataLoader` carries the position
 within the epoch, which Lightning saves in the checkpoint, so a run resumed mid-epoch continues with the batches
-it would have had. Validation reads the held-out items in order through a map-style view, which Lightning's
-distributed sampler shares between processes. Every item carries `index`, its position in its split, which DPO's
-reference cache and GRPO's logs key on.
+it would have had. Validation reads the held-out items in order through a map-style view and makes the batches one
+process would make; with several processes, each scores its share of them, padded to as many as the others
+(`moxin_lightning.data.held_out`), so the validation loss is the one-process loss on any number of processes
+(Lightning's distributed sampler would repeat records to even the processes out, and score them twice). Every item
+carries `index`, its position in its split, which DPO's reference cache and GRPO's logs key on.
 
 Before any work, `setup` refuses a prepared folder of another format, made with another tokenizer or template,
 or prepared at another `max_length` (the items were cut there), and a model that cannot take the data.
@@ -42,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 import moxin_lightning
 from moxin_lightning.data import manifest as manifests
 from moxin_lightning.data import remote  # remote: litdata's chunk downloads over http:// too
+from moxin_lightning.data.held_out import Share, process_place, share
 from moxin_lightning.data.integrity import check_dataset, check_ids
 from moxin_lightning.data.prepare import TOKENIZER_FOLDER, prepare
 from moxin_lightning.data.prepare_records import RECORD_LAYOUT, plan_units
@@ -451,16 +454,37 @@ class RecordData(L.LightningDataModule, ABC):
     def _checked_collate(self, split: str) -> IdsChecked:
         return IdsChecked(self.collate(), self.tokenizer.vocab_size, self._plan()[split][0], split)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """The held-out split in order; no validation (an empty list) without one."""
+    def val_dataloader(self) -> Share | list:
+        """This process's share of the held-out split's batches (see `held_out`); no validation (an empty list)
+        without a held-out split."""
         if not self.streams:
             self.setup()
         if "val" not in self.streams:
             return []
-        return self._ordered(Positions(self.streams["val"]), "val")
+        return self.held_out("val", *process_place(self.trainer))
 
-    def test_dataloader(self) -> DataLoader | list:
+    def test_dataloader(self) -> Share | list:
         return self.val_dataloader()
+
+    def held_out(self, split: str = "val", rank: int = 0, world_size: int = 1) -> Share:
+        """Process `rank`'s share of a split's batches in order: the split cut into batches of `batch_size` records
+        as one process cuts it, of which it takes batches rank, rank + world_size, ..., then padding batches (marked,
+        weighing nothing) until it has as many as process 0, so every process runs as many steps."""
+        if not self.streams:
+            self.setup()
+        records = len(Positions(self.streams[split]))
+        batches = -(-records // self.batch_size)
+        indices, padding = share(batches, rank, world_size)
+        size = self.batch_size
+        rows = [list(range(index * size, min(records, (index + 1) * size))) for index in indices]
+        loader = DataLoader(
+            Positions(self.streams[split]),
+            batch_sampler=rows,
+            collate_fn=self._checked_collate(split),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+        return Share(loader, len(rows), padding)
 
     def ordered_dataloader(self, split: str = "train", rank: int = 0, world_size: int = 1) -> DataLoader:
         """A split's records in index order, not shuffled (e.g. to fill a reference-log-prob cache); with

@@ -58,6 +58,19 @@ def test_schedule_and_data_mistakes_stop_before_any_logger_or_run_folder(tmp_pat
     assert not (tmp_path / "run").exists()  # no offline W&B run, no config.yaml, no lock
 
 
+def test_a_held_out_split_too_small_for_one_batch_stops_before_any_logger(tmp_path, tiny_logged_fit):
+    """The validation pass is made from the whole held-out split (the same on every process) before any logger or
+    run folder starts: too few tokens for one batch is one line there, not an error in the sanity check."""
+    held_out = json.loads((tmp_path / "data" / "manifest.json").read_text())["splits"]["val"]["tokens"]
+    result = fit(tmp_path, tiny_logged_fit, "--data.init_args.batch_size=64")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the held-out splits hold {held_out} tokens, less than one validation batch of 64 x 32; prepare the "
+        "data with a larger --val_fraction, or set data.val_batches=0 for no validation"
+    )
+    assert "wandb:" not in result.stderr + result.stdout and not (tmp_path / "run").exists()
+
+
 def test_a_run_shorter_than_its_validation_interval_validates_at_its_end(tmp_path, tiny_logged_fit):
     result = fit(tmp_path, tiny_logged_fit)
     assert result.returncode == 0, result.stderr[-3000:]

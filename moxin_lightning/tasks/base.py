@@ -7,7 +7,9 @@ A task subclass only maps a batch to `(loss_sum, count)` in `loss_terms`. This b
 - AdamW with Moxin's settings and the learning-rate schedule (`moxin_lightning.schedules`);
 - loss normalisation by the global count of the optimizer step (all micro-batches, all ranks), which
   makes training invariant to gradient accumulation and to the number of processes;
-- gradient clipping with the gradient norm logged, and validation/test loss through torchmetrics;
+- gradient clipping with the gradient norm logged, and validation/test loss through torchmetrics, the same on any
+  number of processes: a padding batch (`moxin_lightning.data.held_out`), which only evens out the processes'
+  validation steps, runs like any other and weighs nothing, in the loss and in what the task logs;
 - skipping an optimizer step whose loss or gradient is not finite (no update, no scheduler step), counting it
   (`train/skipped_steps`) and stopping the run after `max_skipped_steps` in a row;
 - checking that the datamodule's batches hold the keys the task reads (`batch_keys`), naming both on a mismatch.
@@ -25,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from moxin_lightning.data.held_out import is_padding
 from moxin_lightning.model.config import ModelConfig
 from moxin_lightning.model.transformer import Transformer
 from moxin_lightning.release.contents import Panel
@@ -107,6 +110,7 @@ class TrainingTask(L.LightningModule):
         self.last_step_skipped = False
         self.last_step_loss: float | None = None  # the last optimizer step's global mean loss (None: skipped)
         self.optimizer_steps_seen = 0  # optimizer steps this process has normalised (callbacks watch it)
+        self._scoring_padding = False  # the validation/test batch being scored only evens out the processes' steps
 
     # -- the model --------------------------------------------------------------------------------------
 
@@ -346,12 +350,15 @@ class TrainingTask(L.LightningModule):
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._scoring_padding = False
         self.check_batch(batch)
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._scoring_padding = is_padding(batch)
         self.check_batch(batch)
 
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._scoring_padding = is_padding(batch)
         self.check_batch(batch)
 
     # -- evaluation ---------------------------------------------------------------------------------------
@@ -363,9 +370,20 @@ class TrainingTask(L.LightningModule):
         self._evaluate(batch, self.test_loss)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
+        """Add a batch's loss, weighted by its count (tokens for pretraining), to the pass's metric. Every batch
+        updates it, a padding batch with weight 0, so every process has as many updates."""
         loss_sum, count = self.loss_terms(batch)
-        if count > 0:
-            metric.update(loss_sum / count, weight=count)
+        if is_padding(batch):
+            loss_sum, count = torch.zeros_like(loss_sum), torch.zeros_like(count)
+        metric.update(loss_sum / count.clamp(min=1), weight=count)
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's `log`; while a padding batch is scored, the value is logged with batch size 0: it weighs
+        nothing in the epoch's mean (Lightning's default reduction) but keeps the metric, and so its
+        synchronisation, on every process (DPO's rewards and GRPO's rollout statistics are logged from the step)."""
+        if self._scoring_padding and not self.training:
+            kwargs["batch_size"] = 0
+        super().log(name, value, *args, **kwargs)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val", self.val_loss)
@@ -374,8 +392,17 @@ class TrainingTask(L.LightningModule):
         self._log_evaluation("test", self.test_loss)
 
     def _log_evaluation(self, stage: str, metric: MeanMetric) -> None:
-        """Token-weighted mean loss over the whole pass and all ranks (torchmetrics syncs it), and its exp."""
-        if metric.update_count == 0:
+        """Token-weighted mean loss over the whole pass and all ranks (torchmetrics syncs it), and its exp.
+
+        Whether there is anything to log is decided on the weight of all ranks together, so that every rank makes
+        the same collectives whatever its share held (torchmetrics' sync is one of them); no batch with a count,
+        no value."""
+        self._scoring_padding = False
+        weight = metric.weight.detach().double()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            weight = self.trainer.strategy.reduce(weight, reduce_op="sum")
+        if weight <= 0:
+            metric.reset()
             return
         loss = metric.compute()
         metric.reset()
