@@ -359,18 +359,20 @@ def test_grpo_configs_carry_moxin_reasoning_settings_and_the_local_overlay_resol
     assert (model["lr"], model["schedule"], model["clip_low"], model["clip_high"]) == (1e-6, "constant", 0.2, 0.2)
     assert model["max_response_length"] == 16384 and data["max_prompt_length"] == 1024
     assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] == 64  # prompts per step
-    assert model["init_from"] == "runs/dpo/release" and model["epochs_per_batch"] == 1
-    assert [r["class_path"] for r in model["rewards"]] == ["moxin_lightning.rewards.MathAnswer"]
+    assert model["init_from"] == "runs/reasoning-sft/release" and model["epochs_per_batch"] == 1
+    assert [r["class_path"] for r in model["rewards"]] == ["moxin_lightning.rewards.ThinkThenAnswer"]
     assert model["reward_weights"] == [1.0] and model["max_grad_norm"] == 1.0 and trainer["gradient_clip_val"] is None
     assert full["data"]["class_path"] == "moxin_lightning.datamodules.PromptData"
 
     local = printed_config(*configs(GRPO, GRPO_LOCAL))
     model, data, trainer = local["model"]["init_args"], local["data"]["init_args"], local["trainer"]
-    assert (model["preset"], model["init_from"], trainer["accelerator"]) == ("moxin-tiny-9m", "runs/sft/release", "cpu")
-    assert data["train"] == ["builtin-prompts:gsm_symbolic?count=2000&seed=1"] and data["instruction"] is None
+    assert (model["preset"], trainer["accelerator"]) == ("moxin-tiny-9m", "cpu")
+    assert model["init_from"] == "runs/reasoning-sft/release"
+    assert data["train"] == ["builtin-prompts:arithmetic_think?count=2000&seed=1"] and data["instruction"] is None
     assert model["beta"] == 0.001 and model["temperature"] == 0.6  # Moxin's settings stay
     assert model["group_size"] < 8 and model["max_response_length"] < 16384
-    assert [r["class_path"].rsplit(".", 1)[1] for r in model["rewards"]] == ["MathAnswer", "Format"]
+    assert [r["class_path"].rsplit(".", 1)[1] for r in model["rewards"]] == ["ThinkThenAnswer", "Format"]
+    assert model["rewards"][1]["init_args"] == {"answer": "boxed", "think": True, "pattern": None}
     assert model["reward_weights"] == [1.0, 0.1]
 
 
