@@ -186,8 +186,8 @@ def test_fsdp2_resumes_from_its_sharded_checkpoint_exactly(fsdp2):
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_grpo_learns_on_2_processes(tmp_path, strategy):
-    """Rollouts on sharded weights (FSDP2 gathers the root's embedding and head for the decoding loop) and on DDP:
-    the single-token task is learned as on one process (mean reward from ~1/16 to >= 0.7 in 40 steps)."""
+    """Rollouts on sharded weights (FSDP2: gathered once for the decoding loop) and on DDP: the single-token task
+    is learned as on one process (mean reward from ~1/16 to >= 0.7 in 40 steps)."""
     env = {key: value for key, value in os.environ.items() if key not in _LAUNCH_VARIABLES}
     command = [sys.executable, "-m", "tests.grpo_runs", strategy, str(tmp_path / "rewards.json")]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -195,6 +195,20 @@ def test_grpo_learns_on_2_processes(tmp_path, strategy):
     rewards = json.loads((tmp_path / "rewards.json").read_text())
     assert len(rewards) == 40 and sum(rewards[:3]) / 3 < 0.3
     assert sum(rewards[-5:]) / 5 >= 0.7, rewards
+
+
+@pytest.mark.distributed
+def test_grpo_under_fsdp2_decodes_a_different_number_of_steps_on_each_rank(tmp_path):
+    """Rank 0's rollouts end after 2 tokens, rank 1's run to 6 (as rollouts ending at their own EOS do): the ranks
+    run different numbers of decode forwards, which must hold no collective (the weights are gathered once)."""
+    env = {key: value for key, value in os.environ.items() if key not in _LAUNCH_VARIABLES}
+    out = tmp_path / "lengths.json"
+    command = [sys.executable, "-m", "tests.grpo_runs", "fsdp2", str(out), "varied"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    short, long = (json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in (0, 1))
+    assert len(short) == len(long) == 4
+    assert max(short) <= 2 < max(long) <= 6  # rank 1 decoded more steps than rank 0 in some step
 
 
 @pytest.mark.distributed

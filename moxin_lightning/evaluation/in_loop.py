@@ -33,6 +33,7 @@ from moxin_lightning.evaluation.task_sets import (
     load_task_dict,
     parse_task_names,
 )
+from moxin_lightning.tasks.parallelize import full_weights
 
 
 class TaskSet:
@@ -121,39 +122,6 @@ def flat_scores(results: dict[str, Any]) -> dict[str, float]:
                 label = metric if filter_name == "none" else f"{metric}.{filter_name}"
                 scores[f"{name}/{label}"] = float(value)
     return dict(sorted(scores.items()))
-
-
-@contextlib.contextmanager
-def full_weights(model: torch.nn.Module) -> Iterator[None]:
-    """Within: every FSDP2-sharded module of `model` holds its full weights and forwards without collectives.
-    Afterwards: resharded, and FSDP2's records of the forwards run within cleared. A no-op without FSDP2."""
-    from torch.distributed.fsdp import FSDPModule
-
-    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    if not sharded:
-        yield
-        return
-    root = sharded[0]
-    if not hasattr(root, "reset_iter_state"):
-        raise RuntimeError(
-            f"in-loop evaluation under FSDP2 needs FSDPModule.reset_iter_state, which torch {torch.__version__} "
-            "lacks; upgrade torch or evaluate with DDP"
-        )
-    resharding = [_reshards_after_forward(module) for module in sharded]
-    try:
-        for module in sharded:
-            module.set_reshard_after_forward(False, recurse=False)
-            module.unshard()
-        yield
-    finally:
-        for module, reshard in zip(sharded, resharding, strict=True):
-            module.set_reshard_after_forward(reshard, recurse=False)
-        root.reset_iter_state()  # reshards every module, forgets the forwards run above (backward prefetch order)
-
-
-def _reshards_after_forward(module: Any) -> bool:
-    groups = module._get_fsdp_state()._fsdp_param_groups  # no public getter for the setting
-    return any(group.post_forward_mesh_info is not None for group in groups)
 
 
 @contextlib.contextmanager

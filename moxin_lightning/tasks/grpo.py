@@ -25,6 +25,7 @@ from moxin_lightning.model.transformer import Transformer
 from moxin_lightning.release.contents import Panel
 from moxin_lightning.rewards import CombinedReward, Reward
 from moxin_lightning.tasks.base import TrainingTask
+from moxin_lightning.tasks.parallelize import full_weights
 
 
 @dataclass
@@ -159,19 +160,20 @@ class GRPO(TrainingTask):
         was_training = self.model.training
         self.model.eval()
         started = time.perf_counter()
-        # Under FSDP2 the decoder's prefill goes through the model's forward, which gathers the root's embedding
-        # and head (kept gathered for the decode steps: the root does not reshard after forward).
-        generation = sample(
-            self.model,
-            prompts,
-            self.max_response_length,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            eos_id=eos,
-            vocab_limit=tokenizer.vocab_size,  # a padded vocabulary's extra ids have no text
-            kv_budget_bytes=self.rollout_kv_budget_bytes,
-            seed=self.hparams.seed * 1_000_003 + self._rollout_seed * 97 + self.global_rank,
-        )
+        # Under FSDP2 the weights are gathered once for the whole decode: each rank's rollouts end at their own
+        # lengths, so ranks run different numbers of forwards, which must not hold collectives.
+        with full_weights(self.model):
+            generation = sample(
+                self.model,
+                prompts,
+                self.max_response_length,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                eos_id=eos,
+                vocab_limit=tokenizer.vocab_size,  # a padded vocabulary's extra ids have no text
+                kv_budget_bytes=self.rollout_kv_budget_bytes,
+                seed=self.hparams.seed * 1_000_003 + self._rollout_seed * 97 + self.global_rank,
+            )
         generation_seconds = time.perf_counter() - started
         self.model.train(was_training)
         completions = generation.tokens

@@ -7,7 +7,9 @@ unchanged, so checkpoints, Hugging Face export and `init_from` see the same name
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -97,3 +99,41 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Within: every FSDP2-sharded module of `model` holds its full weights and forwards without collectives.
+    Afterwards: resharded, and FSDP2's records of the forwards run within cleared. A no-op without FSDP2.
+
+    WHY: a sharded block gathers its weights in each forward, a collective every rank must join. Decoding and
+    evaluation run a number of forwards that depends on each rank's data (rollouts end at different lengths), so
+    inside them ranks would wait on each other's all-gathers forever. Gathered once up front, they run alone; each
+    rank holds the whole model meanwhile, as under DDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if not sharded:
+        yield
+        return
+    root = sharded[0]
+    if not hasattr(root, "reset_iter_state"):
+        raise RuntimeError(
+            f"decoding or evaluating under FSDP2 needs FSDPModule.reset_iter_state, which torch {torch.__version__} "
+            "lacks; upgrade torch or use DDP"
+        )
+    resharding = [_reshards_after_forward(module) for module in sharded]
+    try:
+        for module in sharded:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        yield
+    finally:
+        for module, reshard in zip(sharded, resharding, strict=True):
+            module.set_reshard_after_forward(reshard, recurse=False)
+        root.reset_iter_state()  # reshards every module, forgets the forwards run above (backward prefetch order)
+
+
+def _reshards_after_forward(module: Any) -> bool:
+    groups = module._get_fsdp_state()._fsdp_param_groups  # no public getter for the setting
+    return any(group.post_forward_mesh_info is not None for group in groups)
