@@ -132,14 +132,12 @@ class DPO(TrainingTask):
         )
         stage = "train" if self.training else "val"
         margin = (chosen_rewards - rejected_rewards).detach()
-        self.log(f"{stage}/rewards_chosen", chosen_rewards.mean(), on_step=self.training, on_epoch=not self.training)
-        self.log(
-            f"{stage}/rewards_rejected", rejected_rewards.mean(), on_step=self.training, on_epoch=not self.training
-        )
-        self.log(f"{stage}/rewards_margin", margin.mean(), on_step=self.training, on_epoch=not self.training)
-        self.log(
-            f"{stage}/rewards_accuracy", (margin > 0).float().mean(), on_step=self.training, on_epoch=not self.training
-        )
+        # Validation's epoch means cover every process's pairs (sync_dist), as val/loss does.
+        when = dict(on_step=self.training, on_epoch=not self.training, sync_dist=not self.training)
+        self.log(f"{stage}/rewards_chosen", chosen_rewards.mean(), **when)
+        self.log(f"{stage}/rewards_rejected", rejected_rewards.mean(), **when)
+        self.log(f"{stage}/rewards_margin", margin.mean(), **when)
+        self.log(f"{stage}/rewards_accuracy", (margin > 0).float().mean(), **when)
         return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
 
     # -- the cached reference ------------------------------------------------------------------------------
