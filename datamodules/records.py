@@ -25,6 +25,7 @@ or prepared at another `max_length` (the items were cut there), and a model that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -532,9 +533,10 @@ def _join(folder: str, name: str) -> str:
 
 def _identity(unit: str) -> Any:
     """What the cache key of raw records knows about one input: a local file's path, size and modification time;
-    an object's URL, size and etag or modification time; a built-in corpus's name and the Python it comes from."""
+    an object's URL, size and etag or modification time; a built-in corpus's name, the Python it comes from and
+    the source of the code that generates it (an edited generator makes new records, never reuses stale ones)."""
     if unit.startswith(BUILTIN_PREFIXES):
-        return [unit, sys.version]
+        return [unit, sys.version, _builtin_generators_digest()]
     if "://" not in unit:
         stat = os.stat(unit)
         return [os.path.abspath(unit), stat.st_size, stat.st_mtime_ns]
@@ -543,6 +545,17 @@ def _identity(unit: str) -> Any:
     fs, path = fsspec.core.url_to_fs(unit)
     info = fs.info(path)
     return [unit, info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("LastModified") or "")]
+
+
+@functools.cache
+def _builtin_generators_digest() -> str:
+    """sha256 of the modules that write the built-in chat, pair and prompt records."""
+    from moxin_lightning.data import builtin_chat, chat_records, preference_records, prompt_records
+
+    digest = hashlib.sha256()
+    for module in (builtin_chat, chat_records, preference_records, prompt_records):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
 
 
 def _available_cpus() -> int:

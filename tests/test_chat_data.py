@@ -608,6 +608,26 @@ def test_builtin_chat_corpus_is_deterministic_and_well_formed(tokenizer, tmp_pat
     assert from_file == from_spec and len(from_spec) == 50
 
 
+def test_an_edited_builtin_generator_gets_a_new_first_use_cache_folder(tokenizer, tmp_path, monkeypatch):
+    """First-use records of a built-in corpus are keyed by the source of the code that generates them: after an
+    edit (here: builtin_chat.py read from an edited copy) the cache folder differs, so stale records are never
+    reused."""
+    from moxin_lightning.data import builtin_chat
+    from moxin_lightning.datamodules import records
+
+    data = ChatData(["builtin-chat:arithmetic?count=5"], tokenizer=tokenizer, max_length=256)
+    before = data._folder_for(data.train_files, 0.0, "train")
+    assert before == data._folder_for(data.train_files, 0.0, "train")  # the same code, the same folder
+    edited = tmp_path / "builtin_chat.py"
+    edited.write_bytes(Path(builtin_chat.__file__).read_bytes() + b"\n# an edit\n")
+    monkeypatch.setattr(builtin_chat, "__file__", str(edited))
+    records._builtin_generators_digest.cache_clear()
+    after = data._folder_for(data.train_files, 0.0, "train")
+    monkeypatch.undo()
+    records._builtin_generators_digest.cache_clear()
+    assert after != before
+
+
 # --------------------------------------------------------------------------------- prepare --format chat, refusals
 
 
