@@ -11,16 +11,20 @@ fit in, in order (greedy: a conversation that does not fit opens a new row); `do
 conversation starts (attention never crosses one) and `positions` restart at 0, so a packed row gives every
 conversation exactly the log-probs it would get alone, and a step trains on the same conversations with or
 without packing, only in fewer padded tokens. Without `pack`, each conversation is a row, padded to the longest.
+
+`reasoning_markers="think"` trains on OpenThoughts' replies rewritten into the `<think> ... </think>` form (and
+without the system prompt that asks for its own markers), the form DeepScaleR's reward, which the GRPO after a
+reasoning SFT scores with, reads (`moxin_lightning.data.chat_records`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from moxin_lightning.data.chat_records import ChatFormat
+from moxin_lightning.data.chat_records import REASONING_MARKERS, ChatFormat
 from moxin_lightning.data.prepare_records import DEFAULT_MAX_LENGTH
 from moxin_lightning.datamodules.records import RecordData
 from moxin_lightning.losses import IGNORE_INDEX
@@ -92,6 +96,12 @@ class ChatData(RecordData):
     Args:
         max_length: tokens per conversation (longer ones are cut when prepared) and per packed row; must equal the
             prepared folder's (None: take it from the folder; raw records: 4096).
+        reasoning_markers: `keep` (replies as written) or `think` (OpenThoughts' `<|begin_of_thought|>` ...
+            `<|end_of_solution|>` sections rewritten into `<think> ... </think>` then the solution, and the system
+            turn asking for those markers dropped, because the GRPO reward that follows gives 0 to a completion that
+            does not close `</think>`; see `moxin_lightning.data.chat_records`); must equal the prepared folder's
+            (None: take it from the folder, where a folder prepared before the setting existed counts as keep;
+            raw records: keep).
         pack: pack the batch's conversations into rows of `max_length` (see the module docstring).
         Others: see `RecordData`.
     """
@@ -107,6 +117,7 @@ class ChatData(RecordData):
         tokenizer: Tokenizer | None = None,
         template: ChatTemplate = TULU,
         max_length: int | None = None,
+        reasoning_markers: Literal["keep", "think"] | None = None,
         pack: bool = True,
         batch_size: int = 8,
         shuffle: bool = True,
@@ -117,6 +128,8 @@ class ChatData(RecordData):
     ) -> None:
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length={max_length} must be at least 2 (a token and the one it predicts)")
+        if reasoning_markers is not None and reasoning_markers not in REASONING_MARKERS:
+            raise ValueError(f"reasoning_markers={reasoning_markers!r} is not one of {', '.join(REASONING_MARKERS)}")
         super().__init__(
             train,
             val,
@@ -130,17 +143,24 @@ class ChatData(RecordData):
             max_seq_len,
             vocab_size,
         )
-        self.pack, self._max_length = pack, max_length
+        self.pack, self._max_length, self._reasoning_markers = pack, max_length, reasoning_markers
 
     @property
     def max_length(self) -> int:
         return self._max_length or self._prepared_setting("max_length") or DEFAULT_MAX_LENGTH["chat"]
 
+    @property
+    def reasoning_markers(self) -> str:
+        return self._reasoning_markers or self._prepared_setting("reasoning_markers") or "keep"
+
     def record_format(self, tokenizer: Tokenizer) -> ChatFormat:
-        return ChatFormat(tokenizer, self.template, self.max_length)
+        return ChatFormat(tokenizer, self.template, self.max_length, self.reasoning_markers)
 
     def _check_settings(self, folder: str, records: dict[str, Any]) -> None:
         self._check_setting(folder, records, "max_length", self.max_length, "max_length")
+        # a folder prepared before the setting existed took its replies as written: keep
+        records = {"reasoning_markers": "keep", **records}
+        self._check_setting(folder, records, "reasoning_markers", self.reasoning_markers, "reasoning_markers")
 
     def sequence_length(self) -> int:
         return self.max_length

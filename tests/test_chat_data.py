@@ -382,7 +382,7 @@ def test_nothing_trainable_is_a_one_line_error(tokenizer, tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert message == (
-        f"no usable chat record in {path} at max_length=32 "
+        f"no usable chat record in {path} at max_length=32, reasoning_markers=keep "
         f"(skipped: {BAD_MESSAGES}: 1, {TRUNCATED}: 1); check the records, or raise max_length"
     )
 
@@ -695,6 +695,7 @@ def test_prepare_format_chat_on_the_command_line_counts_everything_and_chat_data
         "format_version": 1,
         "template": {"name": "tulu", "fingerprint": template_fingerprint(TuluTemplate())},
         "max_length": 64,
+        "reasoning_markers": "keep",
     }
     for split, counts in expected.items():
         entry = manifest["splits"][split]

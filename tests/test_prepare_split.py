@@ -253,3 +253,29 @@ def test_truncation_is_a_preference_setting_checked_on_the_command_line(tmp_path
         "prepare: error: --truncation 'left' is not one of prompt_first, right\n",
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_reasoning_markers_is_a_chat_setting_checked_on_the_command_line(tmp_path, tokenizer):
+    path = write_records(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}])
+    words = ("prepare", "--input", path, "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "out"))
+    wrong_format = command(tmp_path, *words, "--format", "preference", "--reasoning_markers", "think")
+    assert (wrong_format.returncode, wrong_format.stderr) == (
+        1,
+        "prepare: error: --reasoning_markers does not apply to --format preference; drop it\n",
+    )
+    documents = command(tmp_path, *words, "--reasoning_markers", "keep")  # --format documents
+    assert (documents.returncode, documents.stderr) == (
+        1,
+        "prepare: error: --reasoning_markers does not apply to --format documents; drop it\n",
+    )
+    wrong_value = command(tmp_path, *words, "--format", "chat", "--reasoning_markers", "xml")
+    assert (wrong_value.returncode, wrong_value.stderr) == (
+        1,
+        "prepare: error: --reasoning_markers 'xml' is not one of keep, think\n",
+    )
+    assert not (tmp_path / "out").exists()
+    chat = write_records(tmp_path / "chat.jsonl", [user_assistant("Hi?", "<|begin_of_thought|>Hm<|end_of_thought|>")])
+    chat_words = ("prepare", "--input", chat, "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "out"))
+    think = command(tmp_path, *chat_words, "--format", "chat", "--reasoning_markers", "think", "--val_fraction", "0")
+    assert think.returncode == 0, think.stderr
+    assert read_manifest(tmp_path / "out")["records"]["reasoning_markers"] == "think"

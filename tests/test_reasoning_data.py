@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from moxin_lightning.data import read_manifest
 from moxin_lightning.data.builtin_chat import (
     BOXED_INSTRUCTION,
     arithmetic_problem,
@@ -17,8 +18,10 @@ from moxin_lightning.data.builtin_chat import (
     think_solution,
 )
 from moxin_lightning.data.chat_records import BAD_MESSAGES, NO_ASSISTANT, UNKNOWN_ROLE, ChatFormat
-from moxin_lightning.data.records import encode_conversations
+from moxin_lightning.data.prepare import prepare
+from moxin_lightning.data.records import encode_conversations, template_fingerprint
 from moxin_lightning.data.sources import DataError
+from moxin_lightning.datamodules.chat import ChatData
 from moxin_lightning.rewards import Format, ThinkThenAnswer
 from moxin_lightning.tokenizers import SentencePieceTokenizer, train_tokenizer
 from moxin_lightning.tokenizers.chat import TuluTemplate
@@ -105,7 +108,11 @@ def write_parquet(path, rows: list[dict]) -> str:
 
 
 def encoded(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    pairs = encode_conversations(TuluTemplate(), tokenizer, [as_messages(row) for row in rows])
+    return encoded_messages(tokenizer, [as_messages(row) for row in rows])
+
+
+def encoded_messages(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    pairs = encode_conversations(TuluTemplate(), tokenizer, conversations)
     return [(ids.tolist(), trained.astype(int).tolist()) for ids, trained in pairs]
 
 
@@ -181,6 +188,146 @@ def test_a_parquet_file_with_neither_messages_nor_conversations_is_a_one_line_er
 )
 def test_sharegpt_records_map_to_messages_or_are_skipped_with_a_reason(tokenizer, record, expected):
     assert ChatFormat(tokenizer, TuluTemplate(), 64).parse(record) == expected
+
+
+# ------------------------------------------------------------------------ reasoning_markers: the think form
+
+
+def think_messages(index: int) -> list[dict[str, str]]:
+    """OPENTHOUGHTS[index] as `reasoning_markers="think"` reads it: no system turn, the reply in the think form."""
+    return [
+        {"role": "user", "content": f"Return your final response within \\boxed{{}}. What is {index} + 3?"},
+        {
+            "role": "assistant",
+            "content": f"<think>\n\n{index} plus 3 is {index + 3}.\n\n</think>\n\n\\boxed{{{index + 3}}}",
+        },
+    ]
+
+
+def test_think_markers_rewrite_openthoughts_replies_into_the_form_grpos_reward_reads(tokenizer, tmp_path):
+    parquet = write_parquet(tmp_path / "train-00000-of-00001.parquet", OPENTHOUGHTS)
+    fmt = ChatFormat(tokenizer, TuluTemplate(), 512, reasoning_markers="think")
+    record = next(iter(fmt.read(parquet))).value
+    assert fmt.parse(record) == think_messages(0)
+    assert think_messages(0)[1]["content"] == "<think>\n\n0 plus 3 is 3.\n\n</think>\n\n\\boxed{3}"
+
+    data = chat_data([parquet], tokenizer, max_length=512, shuffle=False, reasoning_markers="think")
+    assert data.reasoning_markers == "think" and data.skipped["train"] == {}
+    assert item_pairs(data) == encoded_messages(tokenizer, [think_messages(i) for i in range(5)])
+    first = data.streams["train"][0]
+    reply = [token for token, trained in zip(first["ids"], first["trained"], strict=True) if trained]
+    assert tokenizer.decode(reply[:-1]) == "<think>\n\n0 plus 3 is 3.\n\n</think>\n\n\\boxed{3}"
+    assert read_manifest(data._plan()["train"][0])["records"] == {
+        "format": "chat",
+        "format_version": 1,
+        "template": {"name": "tulu", "fingerprint": template_fingerprint(TuluTemplate())},
+        "max_length": 512,
+        "reasoning_markers": "think",
+    }
+
+    # DeepScaleR's reward: the rewritten replies score 1, the replies as written 0 (no </think> to answer after)
+    kept = [row["conversations"][1]["value"] for row in OPENTHOUGHTS]
+    rewritten = [think_messages(i)[1]["content"] for i in range(5)]
+    answers, prompts = [str(i + 3) for i in range(5)], [""] * 5
+    assert ThinkThenAnswer(require_open=True)(rewritten, answers, prompts) == [1.0] * 5
+    assert ThinkThenAnswer()(kept, answers, prompts) == [0.0] * 5
+
+
+def test_keep_trains_on_the_replies_as_written_and_records_it(tokenizer, tmp_path):
+    parquet = write_parquet(tmp_path / "openthoughts.parquet", OPENTHOUGHTS)
+    default = chat_data([parquet], tokenizer, max_length=512, shuffle=False)
+    keep = chat_data([parquet], tokenizer, max_length=512, shuffle=False, reasoning_markers="keep")
+    assert default.reasoning_markers == keep.reasoning_markers == "keep"
+    assert item_pairs(keep) == item_pairs(default) == encoded(tokenizer, OPENTHOUGHTS)
+    assert default._plan() == keep._plan()  # the same first-use folder
+    assert read_manifest(keep._plan()["train"][0])["records"]["reasoning_markers"] == "keep"
+    think = chat_data([parquet], tokenizer, max_length=512, shuffle=False, reasoning_markers="think")
+    assert think._plan()["train"][0] != keep._plan()["train"][0]  # the setting keys the first-use folder
+
+
+def test_think_markers_leave_openr1_rows_as_they_are(tokenizer, tmp_path):
+    rows = [openr1_row(i) for i in range(4)]
+    parquet = write_parquet(tmp_path / "default-00000-of-00010.parquet", rows)
+    think = chat_data([parquet], tokenizer, max_length=512, shuffle=False, reasoning_markers="think")
+    assert item_pairs(think) == encoded(tokenizer, rows)
+    assert ChatFormat(tokenizer, TuluTemplate(), 512, "think").parse(rows[0]) == rows[0]["messages"]
+    assert rows[0]["messages"][1]["content"] == "<think>\nAdd 0 to both sides.\n</think>\n\nSo $x = \\boxed{4}$."
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (  # a system turn that asks for no marker stays; so do markers a user writes
+            {
+                "system": "Be brief.",
+                "conversations": [
+                    {"from": "user", "value": "What does <|begin_of_thought|> mark?"},
+                    {"from": "assistant", "value": "<|begin_of_thought|>\nA thought.\n<|end_of_thought|>\nThe start."},
+                ],
+            },
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What does <|begin_of_thought|> mark?"},
+                {"role": "assistant", "content": "<think>\nA thought.\n</think>\nThe start."},
+            ],
+        ),
+        (  # a system turn naming only a solution marker is dropped too, inside `messages` as in `system`
+            {
+                "messages": [
+                    {"role": "system", "content": "End with <|end_of_solution|>."},
+                    {"role": "user", "content": "2 + 2?"},
+                    {"role": "assistant", "content": "<|begin_of_solution|> 4 <|end_of_solution|>"},
+                    {"role": "user", "content": "And 3 + 3?"},
+                    {"role": "assistant", "content": "6"},
+                ]
+            },
+            [
+                {"role": "user", "content": "2 + 2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3 + 3?"},
+                {"role": "assistant", "content": "6"},
+            ],
+        ),
+    ],
+)
+def test_think_markers_rewrite_assistant_turns_and_drop_only_the_system_turn_asking_for_the_markers(
+    tokenizer, record, expected
+):
+    assert ChatFormat(tokenizer, TuluTemplate(), 64, "think").parse(record) == expected
+    as_written = ChatFormat(tokenizer, TuluTemplate(), 64).parse(record)
+    assert as_written == ChatFormat(tokenizer, TuluTemplate(), 64, "keep").parse(record) != expected
+
+
+def test_a_folder_prepared_with_think_markers_is_refused_with_keep_in_one_line(tokenizer, tmp_path):
+    parquet = write_parquet(tmp_path / "openthoughts.parquet", OPENTHOUGHTS)
+    folder = prepare(
+        [parquet], tokenizer, tmp_path / "prepared", num_workers=1, val_fraction=0.0, format="chat",
+        max_length=512, reasoning_markers="think",
+    )  # fmt: skip
+    assert read_manifest(folder)["records"]["reasoning_markers"] == "think"
+    fits = chat_data([str(folder)], tokenizer, max_length=None, shuffle=False)  # settings from the folder
+    assert fits.reasoning_markers == "think"
+    assert item_pairs(fits) == encoded_messages(tokenizer, [think_messages(i) for i in range(5)])
+    refused = ChatData([str(folder)], tokenizer=tokenizer, reasoning_markers="keep")
+    with pytest.raises(ValueError) as error:
+        refused.setup("fit")
+    assert str(error.value) == (
+        f"reasoning_markers='keep' differs from the 'think' {folder} was prepared with; prepare it again with "
+        "--reasoning_markers keep, or set reasoning_markers='think'"
+    )
+    assert refused.streams == {}
+    # a folder prepared before the setting existed has no `reasoning_markers`: its replies were taken as written
+    old = {"max_length": 256}
+    ChatData(["old"], tokenizer=tokenizer, max_length=256)._check_settings("old", old)  # keep: accepted
+    with pytest.raises(ValueError) as error:
+        ChatData(["old"], tokenizer=tokenizer, max_length=256, reasoning_markers="think")._check_settings("old", old)
+    assert str(error.value) == (
+        "reasoning_markers='think' differs from the 'keep' old was prepared with; prepare it again with "
+        "--reasoning_markers think, or set reasoning_markers='keep'"
+    )
+    with pytest.raises(ValueError) as error:
+        ChatData([str(folder)], tokenizer=tokenizer, reasoning_markers="xml")
+    assert str(error.value) == "reasoning_markers='xml' is not one of keep, think"
 
 
 # -------------------------------------------------------------------------------------- built-in think form

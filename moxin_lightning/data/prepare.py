@@ -115,33 +115,35 @@ def prepare(
     max_prompt_length: int | None = None,
     instruction: str | None = None,
     truncation: str | None = None,
+    reasoning_markers: str | None = None,
     num_nodes: int = 1,
     node_rank: int = 0,
     shared_dir: str | Path | None = None,
 ) -> Path | str | None:
     """Tokenize `inputs` into `output` (train/, val/, manifest.json) and return `output` as a Path (a URL: as given).
 
-        `tokenizer` is a `Tokenizer`, the path of a SentencePiece `tokenizer.model` (or its folder), or a folder
-        written by `MoETokenizer.save`.
-        `num_workers` defaults to the CPUs this process may use (0 means 1). `seed` salts the val split's hash.
-        With `val_fraction` > 0 at least one document is held out: when the hash rule picks none, the one with the
-        smallest hash (found by a text-only pre-pass, recorded as the manifest's `split.forced_val`); a single
-        document, or none, is refused before any tokenizing.
-        `layout` is "documents" (one document per litdata item, read by `StreamingDataset(dir)` and by
-        `moxin_lightning.datamodules.PretrainData`) or "tokens" (`TokensLoader`); see `shards.py`. Raises
-        DataError (bad inputs), FileExistsError (OUTPUT holds a dataset and `overwrite` is False, or holds other
-        files) or PrepareError (a worker failed), each with a one-line message, before OUTPUT is touched.
+    `tokenizer` is a `Tokenizer`, the path of a SentencePiece `tokenizer.model` (or its folder), or a folder
+    written by `MoETokenizer.save`.
+    `num_workers` defaults to the CPUs this process may use (0 means 1). `seed` salts the val split's hash.
+    With `val_fraction` > 0 at least one document is held out: when the hash rule picks none, the one with the
+    smallest hash (found by a text-only pre-pass, recorded as the manifest's `split.forced_val`); a single
+    document, or none, is refused before any tokenizing.
+    `layout` is "documents" (one document per litdata item, read by `StreamingDataset(dir)` and by
+    `moxin_lightning.datamodules.PretrainData`) or "tokens" (`TokensLoader`); see `shards.py`. Raises
+    DataError (bad inputs), FileExistsError (OUTPUT holds a dataset and `overwrite` is False, or holds other
+    files) or PrepareError (a worker failed), each with a one-line message, before OUTPUT is touched.
 
-        `format` "chat", "preference" or "prompts" prepares instruction records instead of documents (see
-        `prepare_records.py`), encoded with `template` (default Tülu's) and cut to `max_length` tokens (prompts: longer
-        than `max_prompt_length` skipped, `instruction` appended to file records' prompts; preference pairs cut by
-    `truncation`, `prompt_first` by default or `right`).
+    `format` "chat", "preference" or "prompts" prepares instruction records instead of documents (see
+    `prepare_records.py`), encoded with `template` (default Tülu's) and cut to `max_length` tokens (prompts: longer
+    than `max_prompt_length` skipped, `instruction` appended to file records' prompts; preference pairs cut by
+    `truncation`, `prompt_first` by default or `right`; chat replies' reasoning markers as written, or with
+    `reasoning_markers="think"` OpenThoughts' rewritten into `<think> ... </think>`, see `chat_records`).
 
-        `num_nodes` > 1: this process is node `node_rank` of a multi-node run (see `nodes.py`): `output` must be on a
-        file system every node mounts (an object-store URL: built in `shared_dir`, which must be) and `num_workers`
-        given. Only the last node (`num_nodes - 1`) returns `output`; the others return None once their part is done.
-        The environment is not read here (a datamodule preparing on first use inside a multi-node training job is one
-        node's work); the command line reads it (`nodes.resolve_nodes`).
+    `num_nodes` > 1: this process is node `node_rank` of a multi-node run (see `nodes.py`): `output` must be on a
+    file system every node mounts (an object-store URL: built in `shared_dir`, which must be) and `num_workers`
+    given. Only the last node (`num_nodes - 1`) returns `output`; the others return None once their part is done.
+    The environment is not read here (a datamodule preparing on first use inside a multi-node training job is one
+    node's work); the command line reads it (`nodes.resolve_nodes`).
     """
     nodes = Nodes(num_nodes, node_rank)
     if nodes.count > 1 and num_workers is None:
@@ -150,7 +152,9 @@ def prepare(
             "nodes x workers); its default, the CPUs of each node, may differ between nodes"
         )
     tokenizer = _load_tokenizer(tokenizer)
-    record_format = make_format(format, tokenizer, template, max_length, max_prompt_length, instruction, truncation)
+    record_format = make_format(
+        format, tokenizer, template, max_length, max_prompt_length, instruction, truncation, reasoning_markers
+    )
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     val_fraction = float(val_fraction)  # the manifest (so the fingerprint) holds 0.0 whether 0 or 0.0 was passed
@@ -535,6 +539,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="preference: how a pair beyond --max_length is cut: prompt_first (default: the prompt from the left, "
         "then the responses) or right (each whole sequence from the right, as Moxin's DPO did)",
     )
+    records.add_argument(
+        "--reasoning_markers",
+        default=None,
+        help="chat: keep (default: replies as written) or think (OpenThoughts' <|begin_of_thought|> ... "
+        "<|end_of_thought|> rewritten as <think> ... </think>, its solution markers and the system prompt asking "
+        "for them dropped: the GRPO reward that follows reads </think>)",
+    )
     nodes = parser.add_argument_group(
         "across nodes (one process per node, same arguments on every node, --output on a file system all mount)"
     )
@@ -581,6 +592,7 @@ def _run(args: argparse.Namespace) -> None:
             max_prompt_length=args.max_prompt_length,
             instruction=args.instruction,
             truncation=args.truncation,
+            reasoning_markers=args.reasoning_markers,
             num_nodes=nodes.count,
             node_rank=nodes.rank,
             shared_dir=args.shared_dir,

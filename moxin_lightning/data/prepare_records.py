@@ -7,8 +7,8 @@ The layout is the one `prepare` writes for documents (`train/`, `val/` when `val
 `manifest.json`), written atomically the same way; the items are the format's (see `chat_records`,
 `preference_records`, `prompt_records`), one per usable record, in input order. The manifest adds what the items
 depend on (`records`: format, template name and fingerprint, `max_length` or `max_prompt_length`, instruction,
-truncation rule) and, per split, the records, tokens, trained tokens, truncated records and every skip by reason;
-the datamodules check those against their own settings before any work.
+truncation rule, reasoning markers) and, per split, the records, tokens, trained tokens, truncated records and
+every skip by reason; the datamodules check those against their own settings before any work.
 
 The split rounds up as the documents' does (`scan_records`, before any work): with `val_fraction` > 0 at least one
 usable record is held out (the one with the smallest hash when the hash rule holds out none), and a single usable
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moxin_lightning.data.chat_records import ChatFormat
+from moxin_lightning.data.chat_records import REASONING_MARKERS, ChatFormat
 from moxin_lightning.data.integrity import chunk_hashes
 from moxin_lightning.data.nodes import NodeRun, write_splits
 from moxin_lightning.data.preference_records import TRUNCATIONS, PreferenceFormat
@@ -69,6 +69,7 @@ def make_format(
     max_prompt_length: int | None = None,
     instruction: str | None = None,
     truncation: str | None = None,
+    reasoning_markers: str | None = None,
 ) -> RecordFormat | None:
     """The record format `name` with its settings (None for documents); DataError for a setting it does not take."""
     if name not in FORMATS:
@@ -78,10 +79,13 @@ def make_format(
         "max_prompt_length": max_prompt_length,
         "instruction": instruction,
         "truncation": truncation,
+        "reasoning_markers": reasoning_markers,
     }
-    takes = {"documents": (), "chat": ("max_length",), "preference": ("max_length", "truncation")}.get(
-        name, ("max_prompt_length", "instruction")
-    )
+    takes = {
+        "documents": (),
+        "chat": ("max_length", "reasoning_markers"),
+        "preference": ("max_length", "truncation"),
+    }.get(name, ("max_prompt_length", "instruction"))
     extra = [key for key, value in given.items() if value is not None and key not in takes]
     if extra or (name == "documents" and template is not None):
         raise DataError(f"--{(extra or ['template'])[0]} does not apply to --format {name}; drop it")
@@ -89,7 +93,9 @@ def make_format(
         return None
     template = template or TULU
     if name == "chat":
-        return ChatFormat(tokenizer, template, max_length or DEFAULT_MAX_LENGTH["chat"])
+        if reasoning_markers is not None and reasoning_markers not in REASONING_MARKERS:
+            raise DataError(f"--reasoning_markers {reasoning_markers!r} is not one of {', '.join(REASONING_MARKERS)}")
+        return ChatFormat(tokenizer, template, max_length or DEFAULT_MAX_LENGTH["chat"], reasoning_markers or "keep")
     if name == "preference":
         if truncation is not None and truncation not in TRUNCATIONS:
             raise DataError(f"--truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
