@@ -59,6 +59,8 @@ def test_the_reasoning_sft_is_moxins_sft_configuration_from_the_dpo_release():
     assert (model["weight_decay"], model["betas"], model["loss_reduction"]) == (0.0, [0.9, 0.999], "sum")
     assert per_step(config) == 128 and trainer["max_epochs"] == 2
     assert (data["max_length"], data["pack"], data["train"]) == (4096, False, ["data/reasoning-sft"])
+    # OpenThoughts' replies rewritten into the <think> ... </think> form GRPO's reward reads (Tülu's SFT: as written)
+    assert (data["reasoning_markers"], sft["data"]["init_args"]["reasoning_markers"]) == ("think", None)
     # the same task, optimizer and data settings as Moxin's Tülu 3 SFT: only the start and the data differ
     for key in ("loss_reduction", "lr", "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas"):
         assert model[key] == sft["model"]["init_args"][key], key
@@ -80,7 +82,7 @@ def test_each_reasoning_sft_setting_says_whether_moxin_published_it():
     )  # fmt: skip
     for key in moxin:
         assert "# [Moxin]" in lines[key], lines[key]
-    for key in ("activation_checkpointing", "compile", "gradient_clip_val"):
+    for key in ("activation_checkpointing", "compile", "gradient_clip_val", "reasoning_markers"):
         assert "# [ours]" in lines[key], lines[key]
 
 
@@ -91,6 +93,7 @@ def test_the_reasoning_sft_overlay_is_a_cpu_run_on_think_form_chat_from_the_loca
     assert model["init_from"] == "runs/dpo/release" == callback(printed(DPO_CONF, DPO_LOCAL), PROMOTION)["dirpath"]
     assert data["tokenizer"]["init_args"]["path"] == "runs/dpo/release/tokenizer.model"
     assert data["train"] == ["builtin-chat:arithmetic_think?count=3000"]
+    assert data["reasoning_markers"] == "think"  # the full config's: the built-in chat is in the think form already
     assert (data["val_fraction"], data["batch_size"], data["pack"]) == (0.02, 8, True)
     assert (model["lr"], trainer["max_steps"], trainer["val_check_interval"]) == (2e-3, 100, 50)
     for key in ("loss_reduction", "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "betas"):
