@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +125,33 @@ trainer:
         + trainer
     )
     return config
+
+
+class FitChain:
+    """`python -m moxin_lightning fit` stages run one after another in one fresh working folder and cache (each
+    from the release the stage before wrote), timed; the slow chain tests share it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.env = fresh_environment(tmp_path)
+        self.work = tmp_path / "work"
+        self.work.mkdir()
+        self.logs = tmp_path / "logs"
+        self.seconds: dict[str, float] = {}
+
+    def run(self, stage: str, *arguments: str) -> None:
+        """One `fit`, which must exit 0 (its stderr's end is the failure message)."""
+        started = time.perf_counter()
+        words = [sys.executable, "-m", "moxin_lightning", "fit", *arguments]
+        result = subprocess.run(words, cwd=self.work, env=self.env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        self.seconds[stage] = time.perf_counter() - started
+
+    def csv_logger(self, name: str) -> list[str]:
+        """Flags logging every step of a stage to `logs/<name>/fit/metrics.csv`."""
+        return [
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={self.logs}",
+            f"--trainer.logger.init_args.name={name}",
+            "--trainer.logger.init_args.version=fit",
+            "--trainer.log_every_n_steps=1",  # the first step's row is what the chain tests read
+        ]

@@ -11,9 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from moxin_lightning.hf import import_hf
 from moxin_lightning.model.transformer import same_weights
 from moxin_lightning.tasks.dpo import DPO
 from moxin_lightning.tokenizers import SentencePieceTokenizer, TuluTemplate
-from tests.prepared_data import fresh_environment
+from tests.prepared_data import FitChain
 from tests.test_cli import (  # noqa: F401  (command_line: the autouse fixture that keeps pytest's argv from LightningCLI)
     LOCAL,
     PHASES,
@@ -238,28 +235,12 @@ def test_the_instruct_chain_runs_on_a_cpu_pretraining_then_sft_then_dpo(tmp_path
     """phase 1 (short) -> SFT from its release -> DPO from SFT's release, each with its local overlay, in a fresh
     working folder and cache. SFT's first step is scored on phase 1's weights; DPO's first step on a policy equal
     to its (cached) reference, so its loss is ln 2 and its reward margin 0."""
-    env = fresh_environment(tmp_path)
-    work = tmp_path / "work"
-    work.mkdir()
-    seconds: dict[str, float] = {}
-
-    def run(stage: str, *arguments: str) -> None:
-        started = time.perf_counter()
-        words = [sys.executable, "-m", "moxin_lightning", "fit", *arguments]
-        result = subprocess.run(words, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        seconds[stage] = time.perf_counter() - started
-
+    chain = FitChain(tmp_path)
+    run, work, seconds = chain.run, chain.work, chain.seconds
     short = ["--trainer.max_steps=60", "--trainer.val_check_interval=30"]
     run("phase 1", *configs(PHASES["phase1"], LOCAL), *short)
     run("SFT", *configs(SFT, SFT_LOCAL), *short)
-    csv_logger = [
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--trainer.logger.init_args.name=dpo",
-        "--trainer.logger.init_args.version=fit",
-        "--trainer.log_every_n_steps=1",  # the first step's row is what the test reads
-    ]
+    csv_logger = chain.csv_logger("dpo")
     run("DPO", *configs(DPO_CONF, DPO_LOCAL), "--trainer.max_steps=30", *csv_logger)
 
     # every release is a Hugging Face folder of the tiny model, with the one local tokenizer passed down the chain

@@ -239,41 +239,30 @@ def test_a_single_chat_record_with_a_val_fraction_is_refused_on_the_command_line
     assert not output.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_truncation_is_a_preference_setting_checked_on_the_command_line(tmp_path, tokenizer):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--format", "chat", "--truncation", "right"), "--truncation does not apply to --format chat; drop it"),
+        (("--format", "preference", "--truncation", "left"), "--truncation 'left' is not one of prompt_first, right"),
+        (
+            ("--format", "preference", "--reasoning_markers", "think"),
+            "--reasoning_markers does not apply to --format preference; drop it",
+        ),
+        (("--reasoning_markers", "keep"), "--reasoning_markers does not apply to --format documents; drop it"),
+        (("--format", "chat", "--reasoning_markers", "xml"), "--reasoning_markers 'xml' is not one of keep, think"),
+    ],
+    ids=["truncation-chat", "truncation-value", "markers-preference", "markers-documents", "markers-value"],
+)
+def test_a_format_setting_is_checked_on_the_command_line_before_any_work(tmp_path, tokenizer, flags, message):
+    """truncation belongs to preference records, reasoning_markers to chat records; each takes named values."""
     path = write_records(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}])
     words = ("prepare", "--input", path, "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "out"))
-    wrong_format = command(tmp_path, *words, "--format", "chat", "--truncation", "right")
-    assert (wrong_format.returncode, wrong_format.stderr) == (
-        1,
-        "prepare: error: --truncation does not apply to --format chat; drop it\n",
-    )
-    wrong_rule = command(tmp_path, *words, "--format", "preference", "--truncation", "left")
-    assert (wrong_rule.returncode, wrong_rule.stderr) == (
-        1,
-        "prepare: error: --truncation 'left' is not one of prompt_first, right\n",
-    )
+    refused = command(tmp_path, *words, *flags)
+    assert (refused.returncode, refused.stderr) == (1, f"prepare: error: {message}\n")
     assert not (tmp_path / "out").exists()
 
 
-def test_reasoning_markers_is_a_chat_setting_checked_on_the_command_line(tmp_path, tokenizer):
-    path = write_records(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}])
-    words = ("prepare", "--input", path, "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "out"))
-    wrong_format = command(tmp_path, *words, "--format", "preference", "--reasoning_markers", "think")
-    assert (wrong_format.returncode, wrong_format.stderr) == (
-        1,
-        "prepare: error: --reasoning_markers does not apply to --format preference; drop it\n",
-    )
-    documents = command(tmp_path, *words, "--reasoning_markers", "keep")  # --format documents
-    assert (documents.returncode, documents.stderr) == (
-        1,
-        "prepare: error: --reasoning_markers does not apply to --format documents; drop it\n",
-    )
-    wrong_value = command(tmp_path, *words, "--format", "chat", "--reasoning_markers", "xml")
-    assert (wrong_value.returncode, wrong_value.stderr) == (
-        1,
-        "prepare: error: --reasoning_markers 'xml' is not one of keep, think\n",
-    )
-    assert not (tmp_path / "out").exists()
+def test_reasoning_markers_think_is_recorded_in_the_manifest(tmp_path, tokenizer):
     chat = write_records(tmp_path / "chat.jsonl", [user_assistant("Hi?", "<|begin_of_thought|>Hm<|end_of_thought|>")])
     chat_words = ("prepare", "--input", chat, "--tokenizer", str(tokenizer.path), "--output", str(tmp_path / "out"))
     think = command(tmp_path, *chat_words, "--format", "chat", "--reasoning_markers", "think", "--val_fraction", "0")

@@ -10,9 +10,6 @@ rewards with DeepScaleR's ThinkThenAnswer. The slow test runs the local chain on
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
@@ -20,7 +17,7 @@ import yaml
 from moxin_lightning.data.builtin_chat import BOXED_INSTRUCTION, prompt_records_of
 from moxin_lightning.hf import import_hf
 from moxin_lightning.model.transformer import same_weights
-from tests.prepared_data import fresh_environment
+from tests.prepared_data import FitChain
 from tests.test_cli import (  # noqa: F401  (command_line: the autouse fixture that keeps pytest's argv from LightningCLI)
     LOCAL,
     PHASES,
@@ -129,30 +126,14 @@ def test_the_reasoning_chain_runs_on_a_cpu_from_pretraining_to_grpo(tmp_path):
     """phase 1 -> SFT -> DPO -> reasoning SFT -> GRPO, each short, each with its local overlay and from the release
     of the stage before, in a fresh working folder and cache: every release carries the one local tokenizer, the
     reasoning SFT learns the think form (its validation loss falls), and GRPO samples and scores from its release."""
-    env = fresh_environment(tmp_path)
-    work = tmp_path / "work"
-    work.mkdir()
-    seconds: dict[str, float] = {}
-
-    def run(stage: str, *arguments: str) -> None:
-        started = time.perf_counter()
-        words = [sys.executable, "-m", "moxin_lightning", "fit", *arguments]
-        result = subprocess.run(words, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        seconds[stage] = time.perf_counter() - started
-
+    chain = FitChain(tmp_path)
+    run, work, seconds = chain.run, chain.work, chain.seconds
     short = ["--trainer.max_steps=60", "--trainer.val_check_interval=30"]
     run("phase 1", *configs(PHASES["phase1"], LOCAL), *short)
     run("SFT", *configs(SFT, SFT_LOCAL), *short)
     run("DPO", *configs(DPO_CONF, DPO_LOCAL), "--trainer.max_steps=20")
     run("reasoning SFT", *configs(REASONING_SFT, REASONING_SFT_LOCAL), *short)
-    csv_logger = [
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--trainer.logger.init_args.name=grpo",
-        "--trainer.logger.init_args.version=fit",
-        "--trainer.log_every_n_steps=1",
-    ]
+    csv_logger = chain.csv_logger("grpo")
     run("GRPO", *configs(GRPO, GRPO_LOCAL), "--trainer.max_steps=4", "--trainer.val_check_interval=4", *csv_logger)
 
     releases = {stage: work / "runs" / stage / "release" for stage in ("dpo", "reasoning-sft", "grpo")}

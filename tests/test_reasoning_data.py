@@ -25,15 +25,7 @@ from moxin_lightning.datamodules.chat import ChatData
 from moxin_lightning.rewards import Format, ThinkThenAnswer
 from moxin_lightning.tokenizers import SentencePieceTokenizer, train_tokenizer
 from moxin_lightning.tokenizers.chat import TuluTemplate
-from tests.test_chat_data import chat_data, items
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """Raw records are prepared on first use into $MOXIN_CACHE/records: this module's own cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOXIN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+from tests.test_chat_data import cache, chat_data, items  # noqa: F401  (cache: this module's own $MOXIN_CACHE)
 
 
 @pytest.fixture(scope="module")
